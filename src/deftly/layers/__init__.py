@@ -1,0 +1,3 @@
+"""Every built-in structure; importing this package registers them all."""
+
+from . import blockdiag, dense, lowrank  # noqa: F401

@@ -1,0 +1,87 @@
+"""``blockdiag``: block-diagonal weight with ``nblocks`` rectangular blocks, as one batched matmul.
+
+Any sizes: ``in`` and ``out`` are each split into ``nblocks`` contiguous blocks whose sizes differ by at
+most one (:class:`deftly.partition.Partition`); short blocks are zero-padded inside the layer.
+This is also the block-diagonal factor of Monarch (Dao et al., ICML 2022).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..base import StructuredLinear, check_int, init_uniform_
+from ..partition import Partition, ceil_div
+from ..registry import register
+
+
+def blockdiag_multiply(x: Tensor, weight: Tensor) -> Tensor:
+    """``x: (batch, nblocks * bi)``, ``weight: (nblocks, bo, bi)`` -> ``(batch, nblocks * bo)``."""
+    nb, bo, bi = weight.shape
+    xb = x.reshape(-1, nb, bi).transpose(0, 1)  # (nblocks, batch, bi)
+    y = torch.bmm(xb, weight.transpose(1, 2))  # (nblocks, batch, bo)
+    return y.transpose(0, 1).reshape(-1, nb * bo)
+
+
+def blockdiag_reference(x: Tensor, weight: Tensor) -> Tensor:
+    """Slow: one block at a time."""
+    nb, bo, bi = weight.shape
+    outs = [x[:, b * bi:(b + 1) * bi] @ weight[b].T for b in range(nb)]
+    return torch.cat(outs, dim=-1)
+
+
+@register
+class BlockDiagonal(StructuredLinear):
+    """``nblocks`` independent blocks of about ``(out/nblocks, in/nblocks)``; ``in*out/nblocks`` params."""
+
+    name = "blockdiag"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, nblocks: int = 4,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        lim = min(in_features, out_features)
+        self.nblocks = check_int("BlockDiagonal", "nblocks", nblocks, maximum=lim,
+                                 fix=f"Every block needs at least one input and one output: use 1 <= "
+                                     f"nblocks <= min(in_features, out_features) = {lim}.")
+        self.in_part = Partition(in_features, self.nblocks)
+        self.out_part = Partition(out_features, self.nblocks)
+        bo, bi = self.out_part.block, self.in_part.block
+        self.weight = nn.Parameter(torch.empty(self.nblocks, bo, bi, **self._factory))  # (nblocks, bo, bi)
+        self.reset_parameters()
+
+    def hparams(self) -> dict:
+        return {"nblocks": self.nblocks}
+
+    def _reset_structure(self) -> None:
+        # true fan-in of a block is its true input size (padding slots see zeros)
+        fan_in = self.in_features / self.nblocks
+        init_uniform_(self.weight, 1.0 / (3.0 * fan_in))
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        y = blockdiag_multiply(self.in_part.pad(x), self.weight)
+        return self.out_part.unpad(y)
+
+    def _reference_matmul(self, x: Tensor) -> Tensor:
+        y = blockdiag_reference(self.in_part.pad(x), self.weight)
+        return self.out_part.unpad(y)
+
+    def to_dense(self) -> Tensor:
+        full = torch.block_diag(*self.weight.unbind(0))  # (nblocks*bo, nblocks*bi)
+        return full.index_select(0, self.out_part.real_index).index_select(1, self.in_part.real_index)
+
+    @classmethod
+    def param_count(cls, in_features: int, out_features: int, *, nblocks: int) -> int:
+        return nblocks * ceil_div(in_features, nblocks) * ceil_div(out_features, nblocks)
+
+    @classmethod
+    def flop_count(cls, in_features: int, out_features: int, *, nblocks: int) -> int:
+        return 2 * cls.param_count(in_features, out_features, nblocks=nblocks)
+
+    @classmethod
+    def examples(cls, in_features: int, out_features: int) -> list[dict]:
+        lim = min(in_features, out_features)
+        return [{"nblocks": min(4, lim)}, {"nblocks": lim}, {"nblocks": 1}]
+
+    @classmethod
+    def bad_examples(cls) -> list[dict]:
+        return [{"nblocks": 0}, {"nblocks": 17}, {"nblocks": "4"}]

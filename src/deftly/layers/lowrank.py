@@ -1,0 +1,59 @@
+"""``lowrank``: ``W = U V`` with ``U: (out, rank)`` and ``V: (rank, in)`` (truncated-SVD form)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..base import StructuredLinear, check_int, init_uniform_
+from ..registry import register
+from .dense import output_variance_scale
+
+
+@register
+class LowRank(StructuredLinear):
+    """Rank-``rank`` factorisation: ``y = U (V x)``. Costs ``rank * (in + out)`` parameters."""
+
+    name = "lowrank"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 16,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.rank = check_int("LowRank", "rank", rank, fix="Use a rank >= 1, e.g. rank=16.")
+        self.V = nn.Parameter(torch.empty(self.rank, in_features, **self._factory))  # (rank, in)
+        self.U = nn.Parameter(torch.empty(out_features, self.rank, **self._factory))  # (out, rank)
+        self.reset_parameters()
+
+    def hparams(self) -> dict:
+        return {"rank": self.rank}
+
+    def _reset_structure(self) -> None:
+        g = output_variance_scale(2)
+        init_uniform_(self.V, g / self.in_features)
+        init_uniform_(self.U, g / self.rank)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return (x @ self.V.T) @ self.U.T  # (batch, rank) -> (batch, out)
+
+    def _reference_matmul(self, x: Tensor) -> Tensor:
+        h = torch.stack([(x * self.V[r]).sum(-1) for r in range(self.rank)], dim=-1)  # (batch, rank)
+        return torch.stack([(h * self.U[o]).sum(-1) for o in range(self.out_features)], dim=-1)
+
+    def to_dense(self) -> Tensor:
+        return self.U @ self.V
+
+    @classmethod
+    def param_count(cls, in_features: int, out_features: int, *, rank: int) -> int:
+        return rank * (in_features + out_features)
+
+    @classmethod
+    def flop_count(cls, in_features: int, out_features: int, *, rank: int) -> int:
+        return 2 * rank * (in_features + out_features)
+
+    @classmethod
+    def examples(cls, in_features: int, out_features: int) -> list[dict]:
+        return [{"rank": max(1, min(in_features, out_features) // 4)}, {"rank": 1}]
+
+    @classmethod
+    def bad_examples(cls) -> list[dict]:
+        return [{"rank": 0}, {"rank": -3}, {"rank": 2.5}]
