@@ -1,0 +1,1 @@
+"""One module per ``deftly`` subcommand (see :mod:`deftly.cli`)."""
