@@ -1,3 +1,8 @@
-"""Every built-in structure; importing this package registers them all."""
+"""Every built-in structure, one module each; importing this package imports (and so registers) them all."""
 
-from . import blockdiag, dense, lowrank  # noqa: F401
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+for _info in _pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        _importlib.import_module(f"{__name__}.{_info.name}")
