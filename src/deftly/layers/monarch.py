@@ -1,0 +1,120 @@
+"""``monarch``: ``M = P^T L P R`` — two block-diagonal factors around the reshape-transpose permutation.
+
+Dao et al., "Monarch: Expressive Structured Matrices for Efficient and Accurate Training", ICML 2022
+(arXiv 2204.00595), in its general rectangular form with any number of blocks and per-block rank r
+(rank-r Monarch = 2-core Block Tensor-Train, Qiu et al. ICML 2024):
+
+* the input ``(in,)`` is split into ``k = nblocks`` contiguous blocks of (padded) size ``p``;
+* ``R: (k, l*r, p)`` — block ``i`` maps its ``p`` inputs to ``l*r`` features, viewed as ``(l, r)``;
+* the permutation ``P`` regroups ``(k, l, r) -> (l, k, r)``: output block ``j`` sees ``r`` features of
+  every input block;
+* ``L: (l, s, k*r)`` — block ``j`` maps those ``k*r`` features to ``s`` outputs;
+* the final ``P^T`` reads ``L``'s output ``(l, s)`` as ``(s, l)``: output index ``s' * l + j``.
+
+So ``W[s'*l + j, (i, p')] = sum_t L[j, s', i*r + t] * R[i, j*r + t, p']``: every (output block j,
+input block i) slice of ``W`` has rank <= r — the fact behind the closed-form projection. The multiply
+is two ``bmm``s; both permutations are folded into the layout copies that ``bmm`` needs anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..base import StructuredLinear, check_int, init_uniform_
+from ..partition import Partition, balanced_factors, ceil_div
+from ..registry import register
+from .dense import output_variance_scale
+
+
+@register
+class Monarch(StructuredLinear):
+    """Monarch matrix with ``nblocks`` input blocks, ``out_blocks`` output blocks and block rank ``rank``.
+
+    Parameters: ``nblocks * out_blocks * rank * (p + s)`` with ``p = ceil(in / nblocks)`` and
+    ``s = ceil(out / out_blocks)`` — about ``2 * rank * n**1.5`` for ``n x n`` with ``sqrt(n)`` blocks.
+    Defaults: ``nblocks`` near ``sqrt(in)``, ``out_blocks = min(nblocks, out)``, ``rank = 1``.
+    """
+
+    name = "monarch"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, nblocks: int | None = None,
+                 out_blocks: int | None = None, rank: int = 1, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        if nblocks is None:
+            nblocks = balanced_factors(in_features, 2)[1]
+        self.nblocks = check_int("Monarch", "nblocks", nblocks, maximum=in_features,
+                                 fix=f"Each input block needs at least one feature: use 1 <= nblocks <= "
+                                     f"in_features = {in_features}.")
+        if out_blocks is None:
+            out_blocks = min(self.nblocks, out_features)
+        self.out_blocks = check_int("Monarch", "out_blocks", out_blocks, maximum=out_features,
+                                    fix=f"Use 1 <= out_blocks <= out_features = {out_features}.")
+        self.rank = check_int("Monarch", "rank", rank, fix="Use rank >= 1 (rank 1 is classic Monarch).")
+        self.in_part = Partition(in_features, self.nblocks)
+        k, l, r = self.nblocks, self.out_blocks, self.rank
+        self.block_out = ceil_div(out_features, l)  # s
+        self.R = nn.Parameter(torch.empty(k, l * r, self.in_part.block, **self._factory))  # (k, l*r, p)
+        self.L = nn.Parameter(torch.empty(l, self.block_out, k * r, **self._factory))  # (l, s, k*r)
+        self.reset_parameters()
+
+    def hparams(self) -> dict:
+        return {"nblocks": self.nblocks, "out_blocks": self.out_blocks, "rank": self.rank}
+
+    def _reset_structure(self) -> None:
+        g = output_variance_scale(2)
+        init_uniform_(self.R, g / (self.in_features / self.nblocks))  # true fan-in of a block
+        init_uniform_(self.L, g / (self.nblocks * self.rank))
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
+        batch = x.shape[0]
+        xb = self.in_part.pad(x).reshape(batch, k, self.in_part.block).transpose(0, 1)  # (k, batch, p)
+        h = torch.bmm(xb, self.R.transpose(1, 2))  # (k, batch, l*r)
+        h = h.reshape(k, batch, l, r).permute(2, 1, 0, 3).reshape(l, batch, k * r)  # P: (l, batch, k*r)
+        y = torch.bmm(h, self.L.transpose(1, 2))  # (l, batch, s)
+        y = y.permute(1, 2, 0).reshape(batch, s * l)  # P^T: (batch, s, l)
+        return y[:, : self.out_features]
+
+    def _reference_matmul(self, x: Tensor) -> Tensor:
+        k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
+        xp = self.in_part.pad(x)
+        p = self.in_part.block
+        y = x.new_zeros(x.shape[0], s, l)  # output index s' * l + j
+        for j in range(l):
+            for i in range(k):
+                # rank-r slice (j, i): L[j][:, i-part] @ R[i][j-part]
+                u = xp[:, i * p:(i + 1) * p] @ self.R[i, j * r:(j + 1) * r].T  # (batch, r)
+                out_j = u @ self.L[j, :, i * r:(i + 1) * r].T  # (batch, s)
+                y[:, :, j] += out_j
+        return y.reshape(x.shape[0], s * l)[:, : self.out_features]
+
+    def to_dense(self) -> Tensor:
+        k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
+        L4 = self.L.reshape(l, s, k, r)  # (j, s', i, t)
+        R4 = self.R.reshape(k, l, r, -1)  # (i, j, t, p')
+        W = torch.einsum("jsit,ijtp->sjip", L4, R4).reshape(s * l, k * self.in_part.block)
+        return W[: self.out_features].index_select(1, self.in_part.real_index)
+
+    @classmethod
+    def param_count(cls, in_features: int, out_features: int, *, nblocks: int, out_blocks: int,
+                    rank: int) -> int:
+        p, s = ceil_div(in_features, nblocks), ceil_div(out_features, out_blocks)
+        return nblocks * out_blocks * rank * (p + s)
+
+    @classmethod
+    def flop_count(cls, in_features: int, out_features: int, *, nblocks: int, out_blocks: int,
+                   rank: int) -> int:
+        return 2 * cls.param_count(in_features, out_features, nblocks=nblocks, out_blocks=out_blocks,
+                                   rank=rank)
+
+    @classmethod
+    def examples(cls, in_features: int, out_features: int) -> list[dict]:
+        k = balanced_factors(in_features, 2)[1]
+        l = min(k, out_features)
+        return [{"nblocks": k, "out_blocks": l, "rank": 1},
+                {"nblocks": min(3, in_features), "out_blocks": min(2, out_features), "rank": 2}]
+
+    @classmethod
+    def bad_examples(cls) -> list[dict]:
+        return [{"nblocks": 0}, {"nblocks": 17}, {"out_blocks": 17}, {"rank": 0}, {"rank": -1}]
