@@ -152,6 +152,18 @@ def test_torch_compile_fullgraph(name):
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_inductor_monarch():
+    """The flagship structure through the real (inductor) compiler, forward and backward."""
+    layer = deftly.make("monarch", 12, 20, nblocks=3, out_blocks=4, rank=2)
+    x = torch.randn(6, 12, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y, y_ref = compiled(x), layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", CASES_SQ, ids=case_id)
 def test_deterministic_under_seed(case):
     name, params = case
