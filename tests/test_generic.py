@@ -121,8 +121,9 @@ def test_counts_exact(case):
 @pytest.mark.parametrize("case", CASES_SQ + CASES_RECT, ids=case_id)
 def test_state_dict_round_trip(case):
     name, params = case
-    layer = build(name, 20, 12, params, seed=1) if params in deftly.get(name).examples(20, 12) \
-        else build(name, 16, 16, params, seed=1)
+    in_f, out_f = next(size for size in [(20, 12), (16, 16), (12, 20)]
+                       if params in deftly.get(name).examples(*size))
+    layer = build(name, in_f, out_f, params, seed=1)
     other = deftly.make(name, layer.in_features, layer.out_features, dtype=torch.float64, **layer.hparams())
     missing, unexpected = other.load_state_dict(layer.state_dict(), strict=True)
     x = torch.randn(4, layer.in_features, dtype=torch.float64)

@@ -1,0 +1,181 @@
+"""``btt``: Block Tensor-Train — ``ncores`` cores, each ONE batched matmul.
+
+Qiu, Potapczynski, Finzi, Goldblum, Wilson, "Compute Better Spent: Replacing Dense Layers with
+Structured Matrices", ICML 2024. With ``d = ncores`` cores, input modes ``n_1..n_d`` (``in_factors``),
+output modes ``m_1..m_d`` (``out_factors``) and TT ranks ``r_0 = r_d = 1``, ``r_1 = ... = r_{d-1} = rank``:
+
+* the input is viewed as ``(n_1, ..., n_d)`` (row-major) and the output as ``(m_1, ..., m_d)``;
+* step ``k = 1..d`` contracts input mode ``n_{d-k+1}`` and rank ``r_{k-1}``, producing output mode ``m_k``
+  and rank ``r_k``, batched over the input modes ``n_1..n_{d-k}`` not yet used and the output modes
+  ``m_1..m_{k-1}`` already produced;
+* so core ``k`` (parameter ``core{k}``) has shape
+  ``(n_1*...*n_{d-k}, m_1*...*m_{k-1}, m_k*r_k, n_{d-k+1}*r_{k-1})`` — rows ``(m_k, r_k)`` and columns
+  ``(n_{d-k+1}, r_{k-1})``, row-major — and step ``k`` is one ``bmm``.
+
+With ``d = 2`` this is the rank-``r`` generalised Monarch (``core1`` = Monarch's ``R`` with
+``nblocks = n_1``, ``core2`` = its ``L`` with ``out_blocks = m_1``; Monarch reads the output as
+``(m_2, m_1)`` where BTT reads ``(m_1, m_2)`` — a relabelling of output features).
+
+**Any sizes.** ``prod(in_factors) >= in`` and ``prod(out_factors) >= out``; the input is zero-padded at the
+end to ``prod(in_factors)``, the output truncated to ``out``. Defaults ``balanced_factors(in, ncores)``
+and ``balanced_factors(out, ncores)`` keep that padding small. Counts: ``param_count`` is the sum of the
+core sizes, ``flop_count`` twice that (each core entry is one multiply-add per row), padding included.
+
+**Init** (per "Compute Better Spent": each core's std ``~ 1/sqrt(core fan-in)``): core ``k`` has
+variance ``g / (n_{d-k+1} r_{k-1})`` with ``g**d = (1/3) * prod(in_factors) / in``, which makes the
+product's output variance exactly nn.Linear's ``1/3`` on unit inputs (the rank sums and the zero padding
+are both compensated). The paper's further μP factor ``min(1, sqrt(d_out/d_in))`` and per-core learning
+rates are training-recipe choices left to the caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..base import StructuredLinear, check_int, init_uniform_
+from ..partition import balanced_factors
+from ..registry import register
+from .dense import output_variance_scale
+from .kronecker import check_factors
+
+
+def _core_shapes(in_factors: tuple[int, ...], out_factors: tuple[int, ...],
+                 rank: int) -> list[tuple[int, int, int, int]]:
+    """Shape of core ``k = 1..d``: ``(N_k, M_k, m_k*r_k, n_{d-k+1}*r_{k-1})``."""
+    d = len(in_factors)
+    ranks = [1] + [rank] * (d - 1) + [1]
+    shapes = []
+    for k in range(1, d + 1):
+        N = math.prod(in_factors[: d - k])
+        M = math.prod(out_factors[: k - 1])
+        shapes.append((N, M, out_factors[k - 1] * ranks[k], in_factors[d - k] * ranks[k - 1]))
+    return shapes
+
+
+@register
+class BlockTensorTrain(StructuredLinear):
+    """Block Tensor-Train with ``ncores`` cores and TT rank ``rank``; ``ncores=2`` is rank-r Monarch.
+
+    Defaults: ``ncores = 2`` (or the length of the given factors), ``rank = 1``, balanced factors.
+    """
+
+    name = "btt"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, ncores: int | None = None,
+                 rank: int = 1, in_factors: tuple[int, ...] | None = None,
+                 out_factors: tuple[int, ...] | None = None, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        owner = "BlockTensorTrain"
+        if ncores is None:
+            given = in_factors if in_factors is not None else out_factors
+            ncores = len(given) if given is not None and hasattr(given, "__len__") else 2
+        self.ncores = check_int(owner, "ncores", ncores, minimum=2,
+                                fix="A BTT needs at least 2 cores (ncores=2 is Monarch); for one core "
+                                    "use the 'dense' structure.")
+        self.rank = check_int(owner, "rank", rank, fix="Use a TT rank >= 1 (rank 1 with 2 cores is Monarch).")
+        d = self.ncores
+        if in_factors is None:
+            in_factors = balanced_factors(in_features, d)
+        if out_factors is None:
+            out_factors = balanced_factors(out_features, d)
+        self.in_factors = check_factors(owner, "in_factors", in_factors, in_features, d, "in_features")
+        self.out_factors = check_factors(owner, "out_factors", out_factors, out_features, d, "out_features")
+        for k, shape in enumerate(_core_shapes(self.in_factors, self.out_factors, self.rank), start=1):
+            # core k: (N_k, M_k, m_k*r_k, n_{d-k+1}*r_{k-1})
+            self.register_parameter(f"core{k}", nn.Parameter(torch.empty(shape, **self._factory)))
+        self.reset_parameters()
+
+    def hparams(self) -> dict:
+        return {"ncores": self.ncores, "rank": self.rank, "in_factors": self.in_factors,
+                "out_factors": self.out_factors}
+
+    def cores(self) -> list[Tensor]:
+        """``[core1, ..., core_d]`` in multiply order."""
+        return [getattr(self, f"core{k}") for k in range(1, self.ncores + 1)]
+
+    def _reset_structure(self) -> None:
+        d = self.ncores
+        pad = math.prod(self.in_factors) / self.in_features
+        g = output_variance_scale(d) * pad ** (1.0 / d)
+        for core in self.cores():
+            init_uniform_(core, g / core.shape[-1])  # fan-in of core k = n_{d-k+1} * r_{k-1}
+
+    # ------------------------------------------------------------------ multiplies
+    def _matmul(self, x: Tensor) -> Tensor:
+        n, m, d = self.in_factors, self.out_factors, self.ncores
+        batch = x.shape[0]
+        xp = F.pad(x, (0, math.prod(n) - self.in_features))  # (batch, n_1*...*n_d)
+        h = None
+        for k, core in enumerate(self.cores(), start=1):
+            N, M, rows, cols = core.shape
+            if h is None:  # step 1: (batch, N_1, n_d) -> (N_1, batch, n_d)
+                h = xp.reshape(batch, N, cols).transpose(0, 1)
+            else:  # h: (N_{k-1}*M_{k-1}, batch, m_{k-1}*r_{k-1}) laid out (N_k, n_{d-k+1}, M_{k-1}, ...)
+                nk, mprev = n[d - k], m[k - 2]
+                h = h.reshape(N, nk, M // mprev, batch, mprev, cols // nk)
+                h = h.permute(0, 2, 4, 3, 1, 5).reshape(N * M, batch, cols)  # (N_k*M_k, batch, n*r)
+            h = torch.bmm(h, core.reshape(N * M, rows, cols).transpose(1, 2))  # (N_k*M_k, batch, m_k*r_k)
+        # after step d: (M_d, batch, m_d) with output index (m_1..m_{d-1}, m_d)
+        y = h.transpose(0, 1).reshape(batch, math.prod(m))
+        return y[:, : self.out_features]
+
+    def _reference_matmul(self, x: Tensor) -> Tensor:
+        # every step as an explicit loop over its batch of small matrices, on the full mode tensor
+        n, m, d = self.in_factors, self.out_factors, self.ncores
+        batch = x.shape[0]
+        S = F.pad(x, (0, math.prod(n) - self.in_features)).reshape(batch, *n, 1)  # (batch, n.., r_0=1)
+        for k, core in enumerate(self.cores(), start=1):
+            outs = []
+            for a_flat, a in enumerate(itertools.product(*map(range, n[: d - k]))):
+                for b_flat, b in enumerate(itertools.product(*map(range, m[: k - 1]))):
+                    sl = S[(slice(None), *a, slice(None), *b, slice(None))]  # (batch, n_{d-k+1}, r_{k-1})
+                    outs.append(sl.reshape(batch, -1) @ core[a_flat, b_flat].T)  # (batch, m_k*r_k)
+            r_k = core.shape[2] // m[k - 1]
+            S = torch.stack(outs, 1).reshape(batch, *n[: d - k], *m[:k], r_k)
+        return S.reshape(batch, math.prod(m))[:, : self.out_features]
+
+    def to_dense(self) -> Tensor:
+        n, m, d = self.in_factors, self.out_factors, self.ncores
+        cores = self.cores()
+        N1, _, rows, cols = cores[0].shape
+        # T: (N_k, M_{k+1} = m_1..m_k, r_k, n_{d-k+1}..n_d)
+        T = cores[0].reshape(N1, m[0], rows // m[0], cols)
+        for k in range(2, d + 1):
+            core = cores[k - 1]
+            N, M, rows, cols = core.shape
+            nk, mk = n[d - k], m[k - 1]
+            C6 = core.reshape(N, M, mk, rows // mk, nk, cols // nk)  # (a, M, m_k, r_k, n, r_{k-1})
+            T6 = T.reshape(N, nk, M, cols // nk, -1)  # (a, n, M, r_{k-1}, rest)
+            T = torch.einsum("aMmsnr,anMrR->aMmsnR", C6, T6)  # (a, M, m_k, r_k, n, rest)
+            T = T.reshape(N, M * mk, rows // mk, -1)
+        W = T.reshape(math.prod(m), math.prod(n))
+        return W[: self.out_features, : self.in_features]
+
+    # ------------------------------------------------------------------ counts
+    @classmethod
+    def param_count(cls, in_features: int, out_features: int, *, ncores: int, rank: int,
+                    in_factors: tuple[int, ...], out_factors: tuple[int, ...]) -> int:
+        return sum(math.prod(s) for s in _core_shapes(tuple(in_factors), tuple(out_factors), rank))
+
+    @classmethod
+    def flop_count(cls, in_features: int, out_features: int, *, ncores: int, rank: int,
+                   in_factors: tuple[int, ...], out_factors: tuple[int, ...]) -> int:
+        return 2 * cls.param_count(in_features, out_features, ncores=ncores, rank=rank,
+                                   in_factors=in_factors, out_factors=out_factors)
+
+    @classmethod
+    def examples(cls, in_features: int, out_features: int) -> list[dict]:
+        # balanced default factors fit any sizes (the generic suite may reuse an example at another
+        # size); explicit factor tuples are exercised in tests/test_btt.py
+        return [{"ncores": 2, "rank": 1}, {"ncores": 2, "rank": 2}, {"ncores": 3, "rank": 2}]
+
+    @classmethod
+    def bad_examples(cls) -> list[dict]:
+        return [{"ncores": 1}, {"ncores": 2.0}, {"rank": 0}, {"in_factors": (3, 5)},
+                {"out_factors": (4, 2, 1), "ncores": 2}, {"in_factors": (4, 4), "out_factors": (2, 2, 4)},
+                {"in_factors": "44"}]
