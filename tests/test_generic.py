@@ -149,6 +149,7 @@ def test_torch_compile_fullgraph(name):
     params = deftly.get(name).examples(12, 20)[0]
     layer = build(name, 12, 20, params, dtype=torch.float32)
     x = torch.randn(6, 12)
+    torch._dynamo.reset()  # every structure shares StructuredLinear.forward: fresh recompile budget
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
 
@@ -157,6 +158,7 @@ def test_torch_compile_inductor_monarch():
     """The flagship structure through the real (inductor) compiler, forward and backward."""
     layer = deftly.make("monarch", 12, 20, nblocks=3, out_blocks=4, rank=2)
     x = torch.randn(6, 12, requires_grad=True)
+    torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
     y, y_ref = compiled(x), layer(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)

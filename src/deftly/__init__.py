@@ -5,10 +5,53 @@ Monarch, butterfly, Block Tensor-Train, low-rank, block-diagonal, banded, Kronec
 
 >>> import deftly
 >>> layer = deftly.make("monarch", 1024, 4096, nblocks=32)
+
+Model-level tools are imported on first use (``import deftly`` stays light): ``deftly.project``,
+``deftly.structurize`` / ``deftly.StructureConfig``, ``deftly.adapt``, ``deftly.save`` / ``deftly.load`` /
+``deftly.densify``.
 """
 
 from .base import StructuredLinear
 from .registry import get, make, register, structures
 
-__all__ = ["StructuredLinear", "get", "make", "register", "structures"]
+__all__ = [
+    "StructureConfig",
+    "StructuredLinear",
+    "adapt",
+    "densify",
+    "get",
+    "load",
+    "make",
+    "project",
+    "register",
+    "save",
+    "structures",
+    "structurize",
+]
 __version__ = "0.1.0"
+
+# name -> (module, attribute), imported on first access (PEP 562)
+_LAZY = {
+    "project": ("deftly.projection", "project"),
+    "structurize": ("deftly.surgery", "structurize"),
+    "StructureConfig": ("deftly.surgery", "StructureConfig"),
+    "adapt": ("deftly.adapters", "adapt"),
+    "save": ("deftly.persist", "save"),
+    "load": ("deftly.persist", "load"),
+    "densify": ("deftly.persist", "densify"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deftly' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -16,6 +16,7 @@ The base class does the rest: input checks with clear errors, leading batch dime
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -91,6 +92,8 @@ class StructuredLinear(nn.Module):
         owner = type(self).__name__
         self.in_features = check_int(owner, "in_features", in_features)
         self.out_features = check_int(owner, "out_features", out_features)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{owner}: dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
         if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
             raise TypeError(f"{owner}: dtype={dtype} is not a floating or complex dtype; "
                             "use e.g. torch.float32, torch.bfloat16 or torch.float64")
@@ -139,6 +142,45 @@ class StructuredLinear(nn.Module):
         whose message names the bad value); drives the generic bad-input test."""
         return []
 
+    # ------------------------------------------------------------------ projection and budgets
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        """Set the structured parameters (not the bias) to a closed-form projection of ``weight``.
+
+        ``weight``: float64 (complex128 for complex layers) ``(out_features, in_features)`` on the
+        layer's device. ``cov``: ``None`` (minimise ``||W - S||_F``) or the ``(in, in)`` float64 input
+        second moment ``C`` (minimise ``||(W - S) C^{1/2}||_F``, the output error on calibration inputs).
+        Returns True when the result minimises the requested objective as well as deftly knows (no
+        gradient refinement follows), False when it is only a starting point (deftly then refines it by
+        L-BFGS on that objective). Raise ``NotImplementedError`` (the default) when the structure has no
+        closed form: :meth:`project_` then fits it by L-BFGS (:func:`deftly.projection.fit_`).
+        """
+        raise NotImplementedError
+
+    def project_(self, weight: Tensor, bias: Tensor | None = None, *, calibration: Any = None,
+                 method: str = "auto", steps: int | None = None, seed: int = 0) -> float:
+        """Set this layer to the best structured approximation of the dense ``weight`` and return the
+        relative error.
+
+        ``weight`` is ``(out_features, in_features)`` as in ``nn.Linear``; ``bias`` is copied (``None``
+        zeroes the layer's bias). Without ``calibration`` the error is ``||W - S||_F / ||W||_F``; with
+        calibration inputs ``X: (n_samples, in_features)`` (or a :class:`deftly.projection.Calibration`) the
+        projection minimises, and the error is, the relative output error ``||(W - S) X^T||_F /
+        ||W X^T||_F``. Uses the structure's closed form (``_project_closed_form``) when it has one and
+        a deterministic L-BFGS fit otherwise (``method="auto"``; or force ``"closed"`` / ``"fit"``;
+        ``steps``: L-BFGS iterations; ``seed``: the fit's starting init). See :mod:`deftly.projection`.
+        """
+        from .projection import project_layer_
+
+        return project_layer_(self, weight, bias, calibration=calibration, method=method, steps=steps,
+                              seed=seed).error
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int) -> Iterable[dict[str, Any]]:
+        """Every hyperparameter set worth considering for these sizes, for budgeted surgery: deftly
+        picks the one with the largest ``param_count`` (or ``flop_count``) within the budget. Default:
+        :meth:`examples`; structures override it with a finer grid (all ranks, all block counts...)."""
+        return cls.examples(in_features, out_features)
+
     # ------------------------------------------------------------------ shared behaviour
     def reset_parameters(self) -> None:
         """Structure-aware init (see each structure) and ``nn.Linear``'s bias init."""
@@ -161,6 +203,10 @@ class StructuredLinear(nn.Module):
         owner = type(self).__name__
         if not isinstance(x, Tensor):
             raise TypeError(f"{owner}: input must be a torch.Tensor, got {type(x).__name__}")
+        wdev = next((p.device for p in self.parameters()), None)
+        if wdev is not None and x.device != wdev:
+            raise ValueError(f"{owner}: input is on device {x.device} but the layer's parameters are on {wdev}; "
+                             f"move the input (x.to({str(wdev)!r})) or the layer (layer.to({str(x.device)!r}))")
         if x.dim() == 0:
             raise ValueError(f"{owner}: input is a 0-d tensor; expected shape (*, {self.in_features})")
         if x.shape[-1] != self.in_features:

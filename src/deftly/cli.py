@@ -24,8 +24,15 @@ def _command_modules() -> dict[str, object]:
     return mods
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse prints its usage block before the error; deftly prints one line (subparsers inherit it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deftly", description="Structured matrices as drop-in nn.Linear layers.")
+    parser = _OneLineErrors(prog="deftly", description="Structured matrices as drop-in nn.Linear layers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in _command_modules().items():
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)

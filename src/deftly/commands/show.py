@@ -89,7 +89,7 @@ def draw(names: list[str], n: int, path: str, seed: int = 0) -> None:
 
     cols = min(5, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
@@ -99,7 +99,7 @@ def draw(names: list[str], n: int, path: str, seed: int = 0) -> None:
             mag = layer.to_dense().abs().float()
         ax.imshow(mag.numpy(), cmap="magma", interpolation="nearest")
         hp = ", ".join(f"{k}={v}" for k, v in layer.hparams().items())
-        ax.set_title(f"{name}\n{hp}\n{layer.compression():.1f}x fewer params", fontsize=8)
+        ax.set_title(f"{name}\n{hp}\n{layer.compression():.1f}x fewer params", fontsize=7)
     fig.suptitle(f"|to_dense()| of each structure at {n}x{n}", fontsize=11)
     fig.tight_layout()
     tmp = path + ".tmp.png"

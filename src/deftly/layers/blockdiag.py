@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..base import StructuredLinear, check_int, init_uniform_
 from ..partition import Partition, ceil_div
+from ..projection import fixed_support_operator, fixed_support_solve, set_param_
 from ..registry import register
 
 
@@ -58,8 +59,13 @@ class BlockDiagonal(StructuredLinear):
         init_uniform_(self.weight, 1.0 / (3.0 * fan_in))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        y = blockdiag_multiply(self.in_part.pad(x), self.weight)
-        return self.out_part.unpad(y)
+        def native(x: Tensor) -> Tensor:  # this structure's own multiply
+            y = blockdiag_multiply(self.in_part.pad(x), self.weight)
+            return self.out_part.unpad(y)
+
+        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
+
+        return matmul(self, x, native)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         y = blockdiag_reference(self.in_part.pad(x), self.weight)
@@ -68,6 +74,55 @@ class BlockDiagonal(StructuredLinear):
     def to_dense(self) -> Tensor:
         full = torch.block_diag(*self.weight.unbind(0))  # (nblocks*bo, nblocks*bi)
         return full.index_select(0, self.out_part.real_index).index_select(1, self.in_part.real_index)
+
+    def block_projector(self, cov: Tensor | None = None):
+        """A function ``weight (out, in) -> blocks (nblocks, bo, bi)``: the projection of ``weight``.
+
+        Plain: the diagonal blocks of ``W`` (block extraction is the Frobenius-nearest block-diagonal
+        matrix). With ``cov``: each block's rows solve the least-squares problem on their input block,
+        ``S_J = W_J + C_JJ^+ C_{J,J^c} W_{J^c}`` (the exact minimiser of ``||(W - S) C^{1/2}||``); the
+        per-block operators are computed once, so repeated projections (``lrbd``) are cheap.
+        Padding slots stay zero.
+        """
+        nb, bo, bi = self.weight.shape
+        ip, op = self.in_part, self.out_part
+        ops = None
+        if cov is not None:
+            ops = [fixed_support_operator(cov, torch.arange(ip.starts[b], ip.starts[b] + ip.sizes[b],
+                                                            device=cov.device)) for b in range(nb)]
+
+        def project(weight: Tensor) -> Tensor:
+            blocks = weight.new_zeros(nb, bo, bi)
+            for b in range(nb):
+                o0, no = op.starts[b], op.sizes[b]
+                i0, ni = ip.starts[b], ip.sizes[b]
+                rows = weight[o0:o0 + no]
+                if ops is None:
+                    blocks[b, :no, :ni] = rows[:, i0:i0 + ni]
+                else:
+                    support = torch.arange(i0, i0 + ni, device=weight.device)
+                    blocks[b, :no, :ni] = fixed_support_solve(rows, cov, support, ops[b])
+            return blocks
+
+        return project
+
+    def projected_blocks(self, weight: Tensor, cov: Tensor | None = None) -> Tensor:
+        """``(nblocks, bo, bi)`` blocks of the projection of ``weight`` (see :meth:`block_projector`)."""
+        return self.block_projector(cov)(weight)
+
+    def dense_from_blocks(self, blocks: Tensor) -> Tensor:
+        """The ``(out, in)`` matrix of ``blocks`` laid out as this layer does (see :meth:`to_dense`)."""
+        full = torch.block_diag(*blocks.unbind(0))
+        return full.index_select(0, self.out_part.real_index.to(full.device)).index_select(
+            1, self.in_part.real_index.to(full.device))
+
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        set_param_(self.weight, self.projected_blocks(weight, cov))
+        return True
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
+        return [{"nblocks": b} for b in range(1, min(in_features, out_features) + 1)]
 
     @classmethod
     def param_count(cls, in_features: int, out_features: int, *, nblocks: int) -> int:

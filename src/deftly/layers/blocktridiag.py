@@ -33,7 +33,12 @@ from torch.nn import functional as F
 
 from ..base import StructuredLinear, check_int, init_uniform_
 from ..partition import ceil_div
+from ..projection import set_param_
 from ..registry import register
+from .banded import gram_solve, unit_dead_slots
+
+# entries of the (block-rows, 3*block, 3*block) Gram blocks built at once by the activation-aware projection
+_GRAM_ENTRIES = 1 << 22
 
 
 @register
@@ -87,13 +92,18 @@ class BlockTridiagonal(StructuredLinear):
 
     # ------------------------------------------------------------------ multiplies
     def _matmul(self, x: Tensor) -> Tensor:
-        b, R = self.block, self.nrows
-        width = max(R + 2, self.ncols + 1) * b
-        xp = F.pad(x, (b, width - b - self.in_features))  # (batch, width): one zero block on the left
-        win = xp.unfold(-1, 3 * b, b)[:, :R]  # (batch, R, 3b) view: blocks i-1, i, i+1 of x
-        y = torch.bmm(win.transpose(0, 1), self.weight.transpose(1, 2))  # (R, batch, b)
-        y = y.transpose(0, 1).reshape(x.shape[0], R * b)  # (batch, R*b)
-        return y[:, : self.out_features]
+        def native(x: Tensor) -> Tensor:  # this structure's own multiply
+            b, R = self.block, self.nrows
+            width = max(R + 2, self.ncols + 1) * b
+            xp = F.pad(x, (b, width - b - self.in_features))  # (batch, width): one zero block on the left
+            win = xp.unfold(-1, 3 * b, b)[:, :R]  # (batch, R, 3b) view: blocks i-1, i, i+1 of x
+            y = torch.bmm(win.transpose(0, 1), self.weight.transpose(1, 2))  # (R, batch, b)
+            y = y.transpose(0, 1).reshape(x.shape[0], R * b)  # (batch, R*b)
+            return y[:, : self.out_features]
+
+        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
+
+        return matmul(self, x, native)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # block by block, only real rows/columns, no padding
@@ -121,6 +131,58 @@ class BlockTridiagonal(StructuredLinear):
             grid = grid.index_put((rows, rows + w), Wd[:, w])
         full = grid.permute(0, 2, 1, 3).reshape(R * b, nb * b)
         return full[: self.out_features, b: b + self.in_features]
+
+    # ------------------------------------------------------------------ projection
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        """Exact projection onto the block-tridiagonal pattern (padding slots stay zero): returns True.
+
+        Plain: block extraction — the Frobenius-nearest matrix with this support keeps ``W`` on it.
+        With ``cov = C``: the objective splits over rows and all rows of block-row ``i`` share the
+        support ``J`` = its (up to) three block-columns, so each block-row is one least-squares solve
+        ``S_J = W_J + C_JJ^+ C_{J,J^c} W_{J^c} = W_J + C_JJ^+ ((W C)_J - W_J C_JJ)^T`` (rows as
+        columns), batched over block-rows (LU solves, pseudo-inverse where ``C_JJ`` is singular:
+        :func:`deftly.layers.banded.gram_solve`). Cost ``O(out * in^2 + out * block^2)``.
+        """
+        b, R = self.block, self.nrows
+        n_in, n_out = self.in_features, self.out_features
+        nb = max(R + 2, self.ncols + 1)  # block-columns of the left-padded grid, as in to_dense
+        dev = weight.device
+        cols = (torch.arange(R, device=dev) * b).unsqueeze(1) + torch.arange(3 * b, device=dev)  # (R, 3b)
+
+        def windows(M: Tensor) -> Tensor:  # (out, in) -> (R, b, 3b): block-row i, padded cols i*b..(i+3)*b
+            grid = M.new_zeros(R * b, nb * b)
+            grid[:n_out, b:b + n_in] = M
+            return grid.reshape(R, b, nb * b).gather(2, cols.unsqueeze(1).expand(R, b, 3 * b))
+
+        blocks = windows(weight)
+        if cov is not None:
+            cov = cov.to(dev)
+            valid = (cols >= b) & (cols < b + n_in)  # (R, 3b): window slot is a real input
+            real = cols.clamp(b, b + n_in - 1) - b  # its input feature (clamped)
+            cwin = windows(weight @ cov.to(weight.dtype))  # (R, b, 3b): rows of (W C) on the window
+            step = max(1, _GRAM_ENTRIES // (9 * b * b))
+            for s in range(0, R, step):
+                c, v = real[s:s + step], valid[s:s + step]
+                pair = v.unsqueeze(2) & v.unsqueeze(1)
+                gram = torch.where(pair, cov[c.unsqueeze(2), c.unsqueeze(1)],
+                                   torch.zeros((), dtype=cov.dtype, device=dev))
+                gram = unit_dead_slots(gram, v)  # (chunk, 3b, 3b)
+                wj = blocks[s:s + step]  # (chunk, b, 3b)
+                # rows of C_{J,J^c} W_{J^c}; zero in dead slots and padded output rows (so is the fix)
+                rhs = cwin[s:s + step] - wj @ gram.to(weight.dtype)
+                corr = gram_solve(gram, rhs.mT).mT
+                blocks[s:s + step] = torch.where(v.unsqueeze(1), wj + corr, torch.zeros((), dtype=wj.dtype,
+                                                                                       device=dev))
+        set_param_(self.weight, blocks)
+        return True
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
+        """Every block size ``1 .. min(in, out)`` whose stored weight (``3 * ceil(out/b) * b**2``) does not
+        exceed the dense ``in * out`` (``block=1`` is always kept): about ``min(in, out) / 3`` candidates."""
+        dense = in_features * out_features
+        return [{"block": b} for b in range(1, min(in_features, out_features) + 1)
+                if b == 1 or cls.param_count(in_features, out_features, block=b) <= dense]
 
     # ------------------------------------------------------------------ counts
     @classmethod

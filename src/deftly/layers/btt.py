@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from ..base import StructuredLinear, check_int, init_uniform_
 from ..partition import balanced_factors
+from ..projection import low_rank_factors, set_param_
 from ..registry import register
 from .dense import output_variance_scale
 from .kronecker import check_factors
@@ -107,22 +108,27 @@ class BlockTensorTrain(StructuredLinear):
 
     # ------------------------------------------------------------------ multiplies
     def _matmul(self, x: Tensor) -> Tensor:
-        n, m, d = self.in_factors, self.out_factors, self.ncores
-        batch = x.shape[0]
-        xp = F.pad(x, (0, math.prod(n) - self.in_features))  # (batch, n_1*...*n_d)
-        h = None
-        for k, core in enumerate(self.cores(), start=1):
-            N, M, rows, cols = core.shape
-            if h is None:  # step 1: (batch, N_1, n_d) -> (N_1, batch, n_d)
-                h = xp.reshape(batch, N, cols).transpose(0, 1)
-            else:  # h: (N_{k-1}*M_{k-1}, batch, m_{k-1}*r_{k-1}) laid out (N_k, n_{d-k+1}, M_{k-1}, ...)
-                nk, mprev = n[d - k], m[k - 2]
-                h = h.reshape(N, nk, M // mprev, batch, mprev, cols // nk)
-                h = h.permute(0, 2, 4, 3, 1, 5).reshape(N * M, batch, cols)  # (N_k*M_k, batch, n*r)
-            h = torch.bmm(h, core.reshape(N * M, rows, cols).transpose(1, 2))  # (N_k*M_k, batch, m_k*r_k)
-        # after step d: (M_d, batch, m_d) with output index (m_1..m_{d-1}, m_d)
-        y = h.transpose(0, 1).reshape(batch, math.prod(m))
-        return y[:, : self.out_features]
+        def native(x: Tensor) -> Tensor:  # this structure's own multiply
+            n, m, d = self.in_factors, self.out_factors, self.ncores
+            batch = x.shape[0]
+            xp = F.pad(x, (0, math.prod(n) - self.in_features))  # (batch, n_1*...*n_d)
+            h = None
+            for k, core in enumerate(self.cores(), start=1):
+                N, M, rows, cols = core.shape
+                if h is None:  # step 1: (batch, N_1, n_d) -> (N_1, batch, n_d)
+                    h = xp.reshape(batch, N, cols).transpose(0, 1)
+                else:  # h: (N_{k-1}*M_{k-1}, batch, m_{k-1}*r_{k-1}) laid out (N_k, n_{d-k+1}, M_{k-1}, ...)
+                    nk, mprev = n[d - k], m[k - 2]
+                    h = h.reshape(N, nk, M // mprev, batch, mprev, cols // nk)
+                    h = h.permute(0, 2, 4, 3, 1, 5).reshape(N * M, batch, cols)  # (N_k*M_k, batch, n*r)
+                h = torch.bmm(h, core.reshape(N * M, rows, cols).transpose(1, 2))  # (N_k*M_k, batch, m_k*r_k)
+            # after step d: (M_d, batch, m_d) with output index (m_1..m_{d-1}, m_d)
+            y = h.transpose(0, 1).reshape(batch, math.prod(m))
+            return y[:, : self.out_features]
+
+        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
+
+        return matmul(self, x, native)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # every step as an explicit loop over its batch of small matrices, on the full mode tensor
@@ -155,6 +161,84 @@ class BlockTensorTrain(StructuredLinear):
             T = T.reshape(N, M * mk, rows // mk, -1)
         W = T.reshape(math.prod(m), math.prod(n))
         return W[: self.out_features, : self.in_features]
+
+    # ------------------------------------------------------------------ projection
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        """Sequential truncated SVDs, last core first (a block TT-SVD).
+
+        Write ``P_k`` for the product of cores ``1..k``, indexed ``(n_1..n_{d-k} | n_{d-k+1} |
+        m_1..m_{k-1} | m_k, r_k | n_{d-k+2}..n_d)``; ``P_d = W`` (zero-padded). For every fixed
+        ``(n_1..n_{d-k+1}, m_1..m_{k-1})`` the slice ``P_k[(m_k, r_k), (n_{d-k+2}..n_d)]`` equals
+        ``core_k[(m_k, r_k), (n_{d-k+1} fixed, r_{k-1})] @ P_{k-1}[r_{k-1}, (n_{d-k+2}..n_d)]``, a rank
+        ``<= rank`` product: its rank-``rank`` SVD gives core ``k`` (left factor) and ``P_{k-1}`` (right
+        factor), down to ``P_1 = core1``. The cores are then rescaled to equal norms (same product).
+
+        * ``ncores = 2``: one step, the per-slice rank-r SVD of every (output block ``m_1``, input block
+          ``n_1``) ``(m_2, n_2)`` slice — the exact Frobenius projection (as Monarch; padding only
+          removes whole rows/columns of a slice, so the zero-filled SVD is optimal on the true entries):
+          returns True. With ``cov`` each slice is whitened by its input block's second moment ``C_aa``
+          (exact when ``n_1 = 1``, otherwise a start that deftly refines: returns False).
+        * ``ncores >= 3``: each step is optimal given the previous ones (quasi-optimal overall, exact on
+          a matrix that is already a BTT of this rank): returns False so deftly refines it, unless every
+          truncation dropped nothing (squared relative residuals summing to <= 1e-24: ``W`` already is
+          such a BTT, the error is zero); with ``cov`` the plain result is the start (False).
+        """
+        n, m, d, r = self.in_factors, self.out_factors, self.ncores, self.rank
+        W = weight.new_zeros(math.prod(m), math.prod(n))
+        W[: self.out_features, : self.in_features] = weight
+        cov_blocks = None
+        if cov is not None and d == 2:
+            n1, n2 = n
+            cp = cov.new_zeros(n1 * n2, n1 * n2)
+            cp[: self.in_features, : self.in_features] = cov.to(cp.device)
+            # C_aa of every input block a: (n1, 1, n2, n2), broadcast over the output blocks
+            cov_blocks = cp.reshape(n1, n2, n1, n2).diagonal(dim1=0, dim2=2).permute(2, 0, 1).unsqueeze(1)
+        # P_d: (N_d = 1, n_1, M_d = m_1..m_{d-1}, m_d, r_d = 1, n_2..n_d)
+        Md, rest = math.prod(m[: d - 1]), math.prod(n[1:])
+        P = W.reshape(Md, m[d - 1], n[0], rest).permute(2, 0, 1, 3).reshape(1, n[0], Md, m[d - 1], 1, rest)
+        cores: list[Tensor] = [W] * d
+        residual = 0.0  # sum over steps of the squared relative truncation error
+        for k in range(d, 1, -1):
+            N, nk, M, mk, rk, Rk = P.shape
+            X = P.reshape(N * nk, M, mk * rk, Rk)
+            U, V = low_rank_factors(X, r, cov_blocks if k == d else None)  # (.., mk*rk, r), (.., r, Rk)
+            if d > 2:
+                size = float(X.abs().pow(2).sum())
+                residual += float((X - U @ V).abs().pow(2).sum()) / size if size > 0 else 0.0
+            # core k: (N, M, m_k*r_k, n_{d-k+1}*r_{k-1})
+            U = U.reshape(N, nk, M, mk * rk, r).permute(0, 2, 3, 1, 4)
+            cores[k - 1] = U.reshape(N, M, mk * rk, nk * r)
+            # P_{k-1}: (N*nk, n_{d-k+2}, m_1..m_{k-2}, m_{k-1}, r, n_{d-k+3}..n_d)
+            nn_, mp = n[d - k + 1], m[k - 2]
+            P = V.reshape(N * nk, M // mp, mp, r, nn_, Rk // nn_).permute(0, 4, 1, 2, 3, 5)
+        N1, nd, _, m1, r1, _ = P.shape
+        cores[0] = P.permute(0, 2, 3, 4, 1, 5).reshape(N1, 1, m1 * r1, nd)
+        norms = [float(c.abs().pow(2).sum().sqrt()) for c in cores]
+        if min(norms) > 0:  # balance the gauge: equal norms, same product
+            mean = math.exp(sum(math.log(x) for x in norms) / d)
+            cores = [c * (mean / x) for c, x in zip(cores, norms)]
+        for param, value in zip(self.cores(), cores):
+            set_param_(param, value)
+        if d == 2:
+            return cov is None or n[0] == 1
+        return cov is None and residual <= 1e-24  # every truncation exact: W already is such a BTT
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
+        """``ncores`` 2 and 3 with balanced factors and ranks ``1..32``, keeping the ranks that store no
+        more than the dense ``in * out`` (rank 1 is always kept) and, for 2 cores, at most the slice
+        size ``min(m_2, n_2)`` (beyond it the slices are dense). At most 64 candidates."""
+        dense = in_features * out_features
+        cands: list[dict] = []
+        for d in (2, 3):
+            nf, mf = balanced_factors(in_features, d), balanced_factors(out_features, d)
+            top = min(mf[-1], nf[-1]) if d == 2 else 32
+            for r in range(1, 33):
+                hp = {"ncores": d, "rank": r, "in_factors": nf, "out_factors": mf}
+                if r > 1 and (r > top or cls.param_count(in_features, out_features, **hp) > dense):
+                    break
+                cands.append(hp)
+        return cands
 
     # ------------------------------------------------------------------ counts
     @classmethod

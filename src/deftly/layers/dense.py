@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
 from ..base import StructuredLinear, init_uniform_
+from ..projection import set_param_
 from ..registry import register
 
 
@@ -36,6 +36,15 @@ class Dense(StructuredLinear):
 
     def to_dense(self) -> Tensor:
         return self.weight
+
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        # the dense weight is its own projection, for any objective
+        set_param_(self.weight, weight)
+        return True
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
+        return [{}]
 
     @classmethod
     def param_count(cls, in_features: int, out_features: int) -> int:

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from ..base import StructuredLinear, check_int, init_uniform_
 from ..partition import balanced_factors
+from ..projection import low_rank_factors, set_param_
 from ..registry import register
 
 
@@ -53,6 +54,57 @@ def check_factors(owner: str, name: str, value: Any, n: int, count: int, side: s
         raise ValueError(f"{owner}: {name}={out} has product {prod} < {side}={n}; the factors must "
                          f"cover all {n} features (padding fills any excess), e.g. {name}={default}")
     return out
+
+
+def _masked_als(R: Tensor, free: Tensor, U: Tensor, V: Tensor, *,
+                flop_budget: float = 2e9) -> tuple[Tensor, Tensor, bool]:
+    """Improve ``U (m, r) V (r, n)`` as a fit of ``R`` on the entries where ``free`` is False.
+
+    Alternating least squares: each row of ``U`` (then each column of ``V``) is the least-squares fit
+    of its observed entries (pseudo-inverse of the ``r x r`` normal matrix, built from the observed
+    entries only; rows/columns with no free entry share one). Every half-sweep can only lower the
+    error; stops at zero error, when a sweep gains under 1e-6 of the error, or after about
+    ``flop_budget`` FLOPs. Returns ``U``, ``V`` (column norms balanced) and whether the error on the
+    observed entries is zero (squared relative error <= 1e-28).
+    """
+    obs = ~free
+    Robs = R.masked_fill(free, 0)
+    rows = free.any(1).nonzero().squeeze(1)
+    cols = free.any(0).nonzero().squeeze(1)
+    obs_rows = obs[rows].to(R.dtype)  # (|rows|, n)
+    obs_cols = obs[:, cols].to(R.dtype)  # (m, |cols|)
+    m, n = R.shape
+    r = U.shape[1]
+
+    def sq_err(U: Tensor, V: Tensor) -> float:
+        return float((R - U @ V).masked_fill(free, 0).abs().pow(2).sum())
+
+    total = float(Robs.abs().pow(2).sum())
+    err = sq_err(U, V)
+    per_sweep = 2.0 * (rows.numel() * n + m * cols.numel()) * r * r + 8.0 * m * n * r + 1.0
+    for _ in range(int(min(300, max(5, flop_budget / per_sweep)))):
+        if err <= 1e-28 * total:
+            break
+        B = Robs @ V.mH  # (m, r)
+        U2 = B @ torch.linalg.pinv(V @ V.mH, hermitian=True)
+        if rows.numel():
+            G = torch.einsum("ij,tj,sj->its", obs_rows, V, V.conj())  # observed normal matrices
+            U2[rows] = (B[rows].unsqueeze(1) @ torch.linalg.pinv(G, hermitian=True)).squeeze(1)
+        C = U2.mH @ Robs  # (r, n)
+        V2 = torch.linalg.pinv(U2.mH @ U2, hermitian=True) @ C
+        if cols.numel():
+            H = torch.einsum("ij,it,is->jts", obs_cols, U2.conj(), U2)
+            V2[:, cols] = (torch.linalg.pinv(H, hermitian=True) @ C[:, cols].mT.unsqueeze(-1)).squeeze(-1).mT
+        err2 = sq_err(U2, V2)
+        if not err2 < err:
+            break
+        U, V, gain, err = U2, V2, err - err2, err2
+        if gain <= 1e-6 * err:
+            break
+    nu = U.abs().pow(2).sum(0).sqrt()
+    nv = V.abs().pow(2).sum(1).sqrt()
+    scale = torch.where((nu > 0) & (nv > 0), (nv / nu.clamp_min(1e-300)).sqrt(), torch.ones_like(nu))
+    return U * scale, V / scale.unsqueeze(1), err <= 1e-28 * total
 
 
 @register
@@ -94,23 +146,28 @@ class Kronecker(StructuredLinear):
 
     # ------------------------------------------------------------------ multiplies
     def _matmul(self, x: Tensor) -> Tensor:
-        (i1, i2), (o1, o2), r = self.in_factors, self.out_factors, self.rank
-        batch = x.shape[0]
-        xp = F.pad(x, (0, i1 * i2 - self.in_features))  # (batch, i1*i2), zero padding at the end
-        if self._b_first(self.in_factors, self.out_factors):
-            Bcat = self.B.permute(2, 0, 1).reshape(i2, r * o2)  # (i2, r*o2)
-            z = xp.reshape(batch * i1, i2) @ Bcat  # (batch*i1, r*o2) = X B_r^T for all r
-            z = z.reshape(batch, i1, r, o2).permute(0, 3, 2, 1).reshape(batch * o2, r * i1)  # (b o2, r i1)
-            Acat = self.A.permute(1, 0, 2).reshape(o1, r * i1)  # (o1, r*i1)
-            y = (z @ Acat.T).reshape(batch, o2, o1).transpose(1, 2)  # (batch, o1, o2)
-        else:
-            Acat = self.A.permute(2, 0, 1).reshape(i1, r * o1)  # (i1, r*o1)
-            xt = xp.reshape(batch, i1, i2).transpose(1, 2).reshape(batch * i2, i1)  # (batch*i2, i1)
-            z = (xt @ Acat).reshape(batch, i2, r, o1)  # A_r X, transposed
-            z = z.permute(0, 3, 2, 1).reshape(batch * o1, r * i2)  # (batch*o1, r*i2)
-            Bcat = self.B.permute(1, 0, 2).reshape(o2, r * i2)  # (o2, r*i2)
-            y = (z @ Bcat.T).reshape(batch, o1, o2)  # (batch, o1, o2)
-        return y.reshape(batch, o1 * o2)[:, : self.out_features]
+        def native(x: Tensor) -> Tensor:  # this structure's own multiply
+            (i1, i2), (o1, o2), r = self.in_factors, self.out_factors, self.rank
+            batch = x.shape[0]
+            xp = F.pad(x, (0, i1 * i2 - self.in_features))  # (batch, i1*i2), zero padding at the end
+            if self._b_first(self.in_factors, self.out_factors):
+                Bcat = self.B.permute(2, 0, 1).reshape(i2, r * o2)  # (i2, r*o2)
+                z = xp.reshape(batch * i1, i2) @ Bcat  # (batch*i1, r*o2) = X B_r^T for all r
+                z = z.reshape(batch, i1, r, o2).permute(0, 3, 2, 1).reshape(batch * o2, r * i1)  # (b o2, r i1)
+                Acat = self.A.permute(1, 0, 2).reshape(o1, r * i1)  # (o1, r*i1)
+                y = (z @ Acat.T).reshape(batch, o2, o1).transpose(1, 2)  # (batch, o1, o2)
+            else:
+                Acat = self.A.permute(2, 0, 1).reshape(i1, r * o1)  # (i1, r*o1)
+                xt = xp.reshape(batch, i1, i2).transpose(1, 2).reshape(batch * i2, i1)  # (batch*i2, i1)
+                z = (xt @ Acat).reshape(batch, i2, r, o1)  # A_r X, transposed
+                z = z.permute(0, 3, 2, 1).reshape(batch * o1, r * i2)  # (batch*o1, r*i2)
+                Bcat = self.B.permute(1, 0, 2).reshape(o2, r * i2)  # (o2, r*i2)
+                y = (z @ Bcat.T).reshape(batch, o1, o2)  # (batch, o1, o2)
+            return y.reshape(batch, o1 * o2)[:, : self.out_features]
+
+        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
+
+        return matmul(self, x, native)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # y[a*o2 : (a+1)*o2] = sum_r sum_c A_r[a, c] * B_r @ x[c*i2 : (c+1)*i2], block by block
@@ -132,6 +189,70 @@ class Kronecker(StructuredLinear):
         (i1, i2), (o1, o2) = self.in_factors, self.out_factors
         W = torch.einsum("rac,rbd->abcd", self.A, self.B).reshape(o1 * o2, i1 * i2)
         return W[: self.out_features, : self.in_features]
+
+    # ------------------------------------------------------------------ projection
+    def _rearrange(self, weight: Tensor) -> Tensor:
+        """Van Loan–Pitsianis rearrangement ``R(W)``: ``(o1*i1, o2*i2)`` with
+        ``R[a*i1 + c, b*i2 + d] = W[a*o2 + b, c*i2 + d]`` (``W`` zero-padded to ``(o1*o2, i1*i2)``), so
+        ``R(A (x) B) = vec(A) vec(B)^T`` and ``||W - sum_r A_r (x) B_r||_F = ||R(W) - sum_r vec(A_r)
+        vec(B_r)^T||_F``."""
+        (i1, i2), (o1, o2) = self.in_factors, self.out_factors
+        padded = weight.new_zeros(o1 * o2, i1 * i2)
+        padded[: self.out_features, : self.in_features] = weight
+        return padded.reshape(o1, o2, i1, i2).permute(0, 2, 1, 3).reshape(o1 * i1, o2 * i2)
+
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        """Nearest sum of ``rank`` Kronecker products (Van Loan & Pitsianis 1993): the rank-``rank``
+        truncated SVD of ``R(W)``, ``A_r = sqrt(s_r) u_r``, ``B_r = sqrt(s_r) v_r`` (reshaped).
+
+        Exact (returns True) when the factors cover ``in``/``out`` exactly. With padding the padded
+        slots of ``R(W)`` are free (only the true ``(out, in)`` corner counts): a low-rank problem with
+        missing entries, which has no closed form. The zero-filled SVD is then improved by alternating
+        least squares on the true entries only (:func:`_masked_als`, each sweep lowers the error), and
+        True is returned only if that reaches zero error (``W`` was such a corner), else False so that
+        deftly refines it. With ``cov``: the plain projection, and False (no closed form).
+        """
+        (i1, i2), (o1, o2), r = self.in_factors, self.out_factors, self.rank
+        R = self._rearrange(weight)
+        U, V = low_rank_factors(R, r)
+        exact = True
+        if o1 * o2 != self.out_features or i1 * i2 != self.in_features:
+            free = ~self._rearrange(torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
+            U, V, exact = _masked_als(R, free, U, V)
+        set_param_(self.A, U.mT.reshape(r, o1, i1))  # A_r = column r of U
+        set_param_(self.B, V.reshape(r, o2, i2))  # B_r = row r of V
+        return exact and cov is None
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
+        """Factorisations: for each side the balanced pair ``(f1, f2)``, its swap ``(f2, f1)`` and the
+        lopsided pair from ``balanced_factors(n, 3)`` (about ``n^(2/3) x n^(1/3)``) and its swap; every
+        (in, out) combination of those, with ranks ``1..32`` then steps of about 1.25x, up to the rank of
+        ``R(W)`` (``min(o1*i1, o2*i2)``; higher ranks add nothing) and while the layer stores no more
+        than the dense ``in * out`` (rank 1 is always kept). Under 1,000 candidates for 4096-sized layers."""
+        def pairs(n: int) -> list[tuple[int, int]]:
+            f1, f2 = balanced_factors(n, 2)
+            g1, g2, g3 = balanced_factors(n, 3)
+            out: list[tuple[int, int]] = []
+            for p in ((f1, f2), (f2, f1), (g1 * g2, g3), (g3, g1 * g2)):
+                if p not in out:
+                    out.append(p)
+            return out
+
+        ranks = list(range(1, 33))
+        while ranks[-1] < in_features * out_features:
+            ranks.append(int(ranks[-1] * 1.25))
+        dense = in_features * out_features
+        cands: list[dict] = []
+        for inf in pairs(in_features):
+            for outf in pairs(out_features):
+                top = min(outf[0] * inf[0], outf[1] * inf[1])
+                for r in ranks:
+                    if r > 1 and (r > top or cls.param_count(in_features, out_features, in_factors=inf,
+                                                              out_factors=outf, rank=r) > dense):
+                        break
+                    cands.append({"in_factors": inf, "out_factors": outf, "rank": r})
+        return cands
 
     # ------------------------------------------------------------------ counts
     @classmethod

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..base import StructuredLinear, check_int, init_uniform_
+from ..projection import low_rank_factors, set_param_
 from ..registry import register
 from .dense import output_variance_scale
 
@@ -33,7 +34,12 @@ class LowRank(StructuredLinear):
         init_uniform_(self.U, g / self.rank)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return (x @ self.V.T) @ self.U.T  # (batch, rank) -> (batch, out)
+        def native(x: Tensor) -> Tensor:  # this structure's own multiply
+            return (x @ self.V.T) @ self.U.T  # (batch, rank) -> (batch, out)
+
+        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
+
+        return matmul(self, x, native)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         h = torch.stack([(x * self.V[r]).sum(-1) for r in range(self.rank)], dim=-1)  # (batch, rank)
@@ -41,6 +47,18 @@ class LowRank(StructuredLinear):
 
     def to_dense(self) -> Tensor:
         return self.U @ self.V
+
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        # Eckart-Young: truncated SVD; with calibration, the top-r left singular vectors of W C^{1/2}
+        U, V = low_rank_factors(weight, self.rank, cov)
+        set_param_(self.U, U)
+        set_param_(self.V, V)
+        return True
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
+        # ranks above min(in, out) add parameters and no expressiveness
+        return [{"rank": r} for r in range(1, min(in_features, out_features) + 1)]
 
     @classmethod
     def param_count(cls, in_features: int, out_features: int, *, rank: int) -> int:

@@ -18,11 +18,14 @@ is two ``bmm``s; both permutations are folded into the layout copies that ``bmm`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ..base import StructuredLinear, check_int, init_uniform_
-from ..partition import Partition, balanced_factors, ceil_div
+from ..partition import Partition, _divisors, balanced_factors, ceil_div
+from ..projection import low_rank_factors, set_param_
 from ..registry import register
 from .dense import output_variance_scale
 
@@ -67,14 +70,19 @@ class Monarch(StructuredLinear):
         init_uniform_(self.L, g / (self.nblocks * self.rank))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
-        batch = x.shape[0]
-        xb = self.in_part.pad(x).reshape(batch, k, self.in_part.block).transpose(0, 1)  # (k, batch, p)
-        h = torch.bmm(xb, self.R.transpose(1, 2))  # (k, batch, l*r)
-        h = h.reshape(k, batch, l, r).permute(2, 1, 0, 3).reshape(l, batch, k * r)  # P: (l, batch, k*r)
-        y = torch.bmm(h, self.L.transpose(1, 2))  # (l, batch, s)
-        y = y.permute(1, 2, 0).reshape(batch, s * l)  # P^T: (batch, s, l)
-        return y[:, : self.out_features]
+        def native(x: Tensor) -> Tensor:  # this structure's own multiply
+            k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
+            batch = x.shape[0]
+            xb = self.in_part.pad(x).reshape(batch, k, self.in_part.block).transpose(0, 1)  # (k, batch, p)
+            h = torch.bmm(xb, self.R.transpose(1, 2))  # (k, batch, l*r)
+            h = h.reshape(k, batch, l, r).permute(2, 1, 0, 3).reshape(l, batch, k * r)  # P: (l, batch, k*r)
+            y = torch.bmm(h, self.L.transpose(1, 2))  # (l, batch, s)
+            y = y.permute(1, 2, 0).reshape(batch, s * l)  # P^T: (batch, s, l)
+            return y[:, : self.out_features]
+
+        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
+
+        return matmul(self, x, native)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
@@ -95,6 +103,55 @@ class Monarch(StructuredLinear):
         R4 = self.R.reshape(k, l, r, -1)  # (i, j, t, p')
         W = torch.einsum("jsit,ijtp->sjip", L4, R4).reshape(s * l, k * self.in_part.block)
         return W[: self.out_features].index_select(1, self.in_part.real_index)
+
+    def _slices(self, weight: Tensor) -> Tensor:
+        """``weight (out, in)`` as its (output block j, input block i) slices ``(l, k, s, p)``: slice
+        ``[j, i]`` holds the outputs ``s' * l + j`` and the (padded) inputs of block ``i``."""
+        k, l, s, p = self.nblocks, self.out_blocks, self.block_out, self.in_part.block
+        pad = weight.new_zeros(s * l, k * p)
+        pad[: self.out_features].index_copy_(1, self.in_part.real_index.to(weight.device), weight)
+        return pad.reshape(s, l, k, p).permute(1, 2, 0, 3)
+
+    def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
+        """Rank-r SVD of every (output-block, input-block) slice: exact Frobenius projection (the slices
+        are independent and each has rank <= r in a Monarch matrix). With ``cov`` each slice is whitened
+        by its own input block's second moment ``C_ii`` (the block-diagonal part of ``C``): exact when
+        the input blocks are uncorrelated, otherwise a starting point that deftly refines (returns False).
+        """
+        k, l, r, s, p = self.nblocks, self.out_blocks, self.rank, self.block_out, self.in_part.block
+        M = self._slices(weight)  # (l, k, s, p)
+        cov_blocks = None
+        if cov is not None:
+            idx = self.in_part.real_index.to(weight.device)
+            cpad = cov.new_zeros(k * p, k * p)
+            cpad[idx.unsqueeze(1), idx.unsqueeze(0)] = cov
+            cov_blocks = cpad.reshape(k, p, k, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (k, p, p)
+            cov_blocks = cov_blocks.unsqueeze(0)  # broadcast over output blocks j
+        A, B = low_rank_factors(M, r, cov_blocks)  # (l, k, s, r), (l, k, r, p)
+        set_param_(self.L, A.permute(0, 2, 1, 3).reshape(l, s, k * r))  # L[j, s', i*r + t]
+        set_param_(self.R, B.permute(1, 0, 2, 3).reshape(k, l * r, p))  # R[i, j*r + t, p']
+        return cov is None or k == 1
+
+    @classmethod
+    def hparam_candidates(cls, in_features: int, out_features: int):
+        """``nblocks``: every divisor of ``in`` and every value up to ``2 sqrt(in)``, from 2 (``nblocks=1``
+        is a plain low-rank matrix: use ``lowrank``, or fix ``nblocks=1`` explicitly); ``out_blocks``:
+        ``min(nblocks, out)`` and the value giving square-ish blocks (``nblocks * out / in``); ``rank``:
+        1 up to the slice size ``min(p, s)`` (beyond it the slices are dense). Ordered from the classic
+        ``nblocks ~ sqrt(in)`` outwards, so equal counts resolve to the classic shape."""
+        if in_features < 2:
+            yield {"nblocks": 1, "out_blocks": 1, "rank": 1}
+            return
+        ks = {k for k in range(2, min(in_features, 2 * math.isqrt(in_features)) + 1)} | \
+            {k for k in _divisors(in_features) if k >= 2}
+        classic = balanced_factors(in_features, 2)[1]
+        for k in sorted(ks, key=lambda k: (abs(math.log(k / classic)), k)):
+            p = ceil_div(in_features, k)
+            ls = sorted({min(k, out_features), max(1, min(out_features, round(k * out_features / in_features)))})
+            for l in ls:
+                s = ceil_div(out_features, l)
+                for r in range(1, min(p, s) + 1):
+                    yield {"nblocks": k, "out_blocks": l, "rank": r}
 
     @classmethod
     def param_count(cls, in_features: int, out_features: int, *, nblocks: int, out_blocks: int,

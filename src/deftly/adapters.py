@@ -1,0 +1,320 @@
+"""Structured adapters: a frozen dense layer plus a trainable structured delta (LoRA and beyond).
+
+``deftly.adapt(model, StructureConfig(structure="lowrank", hparams={"rank": 8}, target_modules=[...]))``
+wraps every targeted ``nn.Linear`` / ``Conv1D`` in a :class:`StructuredAdapter`:
+
+    y = base(x) + scale * delta(x)
+
+``base`` keeps its pretrained weight, frozen; ``delta`` is any registered structure (``lowrank`` = LoRA,
+``monarch``, ``blockdiag``, ...; chosen by hyperparameters or by a parameter ``budget`` relative to the
+dense layer) without bias, initialised so that ``delta`` is exactly zero while its gradient is not (the
+LoRA recipe: one factor zero, see :func:`zero_delta_init_`). A structure with a fixed residual (``lrbd``'s
+identity) contributes only its learned part. :meth:`StructuredAdapter.merge` folds ``scale * delta`` into
+the base weight (the forward is then one dense matmul) and :meth:`~StructuredAdapter.unmerge` takes it
+out again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .base import StructuredLinear
+from .registry import make
+from .surgery import (
+    LayerReport,
+    StructureConfig,
+    SurgeryReport,
+    _is_conv1d,
+    _model_params,
+    _shape,
+    choose_hparams,
+    dense_count,
+    dense_weight,
+    plan,
+    set_module,
+    structured_modules,
+)
+
+__all__ = [
+    "Adapters",
+    "StructuredAdapter",
+    "adapt",
+    "learned_dense",
+    "merge",
+    "merge_and_unload",
+    "unmerge",
+    "zero_delta_init_",
+]
+
+
+def learned_dense(layer: StructuredLinear) -> Tensor:
+    """``to_dense()`` without the structure's fixed (non-learned) part, ``(out, in)``."""
+    dense = layer.to_dense()
+    if layer.has_fixed_residual:
+        eye = torch.eye(layer.in_features, dtype=dense.dtype, device=dense.device)
+        dense = dense - layer.fixed_residual(eye).mT
+    return dense
+
+
+def zero_delta_init_(layer: StructuredLinear) -> bool:
+    """Make the learned part of ``layer`` exactly zero while keeping its gradient alive, in place.
+
+    Uses the structure's own ``zero_delta_init_()`` method if it has one; otherwise zeroes the
+    structure's parameters from the last one backwards until the learned map vanishes: one factor of a
+    product (LoRA's ``U``, Monarch's ``L``), every term of a sum (``lrbd``: the block-diagonal weight and
+    ``U``). Returns False (parameters restored) when that leaves no gradient at all (all factors in one
+    tensor, e.g. a butterfly's twiddles): :func:`adapt` then anchors the delta instead (see
+    :class:`StructuredAdapter`).
+    """
+    own = getattr(type(layer), "zero_delta_init_", None)
+    if own is not None:
+        own(layer)
+        return True
+    params = [p for n, p in layer.named_parameters() if n != "bias"]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in reversed(params):
+            p.zero_()
+            if not bool(learned_dense(layer).abs().amax() > 0):
+                break
+    if params and not _gradient_alive(layer):
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        return False
+    return True
+
+
+def _gradient_alive(layer: StructuredLinear) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    dt = layer.weight_dtype
+    x = torch.randn(3, layer.in_features, generator=gen, dtype=torch.float64).to(dt if dt.is_floating_point
+                                                                                 else torch.float64)
+    y = layer(x)
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    ps = [p for n, p in layer.named_parameters() if n != "bias"]
+    grads = torch.autograd.grad((y * g).real.sum(), ps, allow_unused=True)
+    return any(gr is not None and bool(gr.abs().amax() > 0) for gr in grads)
+
+
+class StructuredAdapter(nn.Module):
+    """``y = base(x) + scale * delta(x)`` with a frozen ``base`` (``nn.Linear`` or ``Conv1D``).
+
+    ``merge()`` adds ``scale * delta`` into ``base.weight`` (forward = base only); ``unmerge()`` removes it.
+    With an ``anchor`` (a frozen copy of the delta at its random init, for structures that cannot be
+    zeroed without killing their gradient) the delta is ``delta(x) - anchor(x)``: zero at init, any
+    structure.
+    """
+
+    def __init__(self, base: nn.Module, delta: StructuredLinear, scale: float = 1.0, *,
+                 anchor: StructuredLinear | None = None, freeze_base: bool = True) -> None:
+        super().__init__()
+        in_f, out_f = _shape(base)
+        if (delta.in_features, delta.out_features) != (in_f, out_f):
+            raise ValueError(f"StructuredAdapter: delta is {delta.in_features}->{delta.out_features} but the "
+                             f"base layer is {in_f}->{out_f}")
+        if delta.bias is not None:
+            raise ValueError("StructuredAdapter: the delta must have no bias (the base layer keeps its own); "
+                             "build it with bias=False")
+        self.base = base
+        self.delta = delta
+        self.anchor = anchor
+        if anchor is not None:
+            if (anchor.name, anchor.hparams()) != (delta.name, delta.hparams()):
+                raise ValueError("StructuredAdapter: the anchor must have the delta's structure and "
+                                 "hyperparameters")
+            for p in anchor.parameters():
+                p.requires_grad_(False)
+        self.scale = float(scale)
+        self.merged = False
+        if freeze_base:
+            for p in self.base.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def in_features(self) -> int:
+        return self.delta.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.delta.out_features
+
+    @property
+    def transposed(self) -> bool:
+        """The base is a Hugging Face ``Conv1D`` (weight stored ``(in, out)``)."""
+        return _is_conv1d(self.base)
+
+    def delta_weight(self) -> Tensor:
+        """``scale * delta`` as a dense ``(out, in)`` matrix (learned part only, minus the anchor)."""
+        d = learned_dense(self.delta)
+        if self.anchor is not None:
+            d = d - learned_dense(self.anchor)
+        return self.scale * d
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        xd = x.to(self.delta.weight_dtype) if x.dtype != self.delta.weight_dtype \
+            and self.delta.weight_dtype.is_floating_point else x
+        d = self.delta(xd)
+        if self.anchor is not None:
+            d = d - self.anchor(xd)  # fixed residuals cancel
+        elif self.delta.has_fixed_residual:
+            d = d - self.delta.fixed_residual(xd)
+        return y + (self.scale * d).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the delta into the base weight (idempotent)."""
+        if self.merged:
+            return
+        d = self.delta_weight().to(self.base.weight.dtype)
+        self.base.weight.add_(d.T if self.transposed else d)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the delta back out of the base weight (idempotent)."""
+        if not self.merged:
+            return
+        d = self.delta_weight().to(self.base.weight.dtype)
+        self.base.weight.sub_(d.T if self.transposed else d)
+        self.merged = False
+
+    def merged_linear(self) -> nn.Module:
+        """The base layer with the delta folded in (the adapter is left unmerged)."""
+        import copy
+
+        base = copy.deepcopy(self.base)
+        if not self.merged:
+            with torch.no_grad():
+                d = self.delta_weight().to(base.weight.dtype)
+                base.weight.add_(d.T if self.transposed else d)
+        for p in base.parameters():
+            p.requires_grad_(True)
+        return base
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, merged={self.merged}" + (", anchored" if self.anchor is not None else "")
+
+
+def _adapters(model: nn.Module) -> list[tuple[str, StructuredAdapter]]:
+    return [(n, m) for n, m in structured_modules(model) if isinstance(m, StructuredAdapter)]
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter of ``model``."""
+    for _, a in _adapters(model):
+        a.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Unmerge every adapter of ``model``."""
+    for _, a in _adapters(model):
+        a.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every adapter by its base layer with the delta folded in (plain ``nn.Linear``/``Conv1D``)."""
+    for name, a in _adapters(model):
+        set_module(model, name, a.merged_linear())
+    return model
+
+
+class Adapters:
+    """The adapters :func:`adapt` added to a model: merge them, unmerge them, train their parameters."""
+
+    def __init__(self, model: nn.Module, names: list[str], report: SurgeryReport) -> None:
+        self.model = model
+        self.names = names
+        self.report = report
+
+    def modules(self) -> list[StructuredAdapter]:
+        return [self.model.get_submodule(n) for n in self.names]
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable delta parameters."""
+        for a in self.modules():
+            yield from a.delta.parameters()
+
+    def merge(self) -> None:
+        for a in self.modules():
+            a.merge()
+
+    def unmerge(self) -> None:
+        for a in self.modules():
+            a.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        for n in self.names:
+            set_module(self.model, n, self.model.get_submodule(n).merged_linear())
+        self.names = []
+        return self.model
+
+    def __str__(self) -> str:
+        return str(self.report)
+
+    def __repr__(self) -> str:
+        return f"Adapters({len(self.names)} layers, {self.report.trainable_params:,} trainable parameters)"
+
+
+def adapt(model: nn.Module, config: StructureConfig, *, scale: float = 1.0, zero_init: bool = True,
+          freeze: bool = True) -> Adapters:
+    """Wrap the targeted layers of ``model`` (in place) with frozen-base structured adapters.
+
+    ``config.structure`` is the delta's structure; its size comes from ``config.hparams`` / overrides
+    and/or ``config.budget`` (fraction of each dense layer's parameters spent on the delta).
+    ``zero_init``: the delta starts at exactly zero (adapted model == base model) — one factor zero, as
+    in LoRA, or, for a structure whose parameters cannot be zeroed that way, an anchored delta
+    ``delta(x) - anchor(x)``; ``freeze``: every parameter of the model except the deltas is frozen (else
+    only the wrapped base layers). Returns an :class:`Adapters` handle.
+    """
+    plans = plan(model, config)
+    before = _model_params(model)
+    built: list[tuple[str, StructuredAdapter]] = []
+    rows = []
+    for i, p in enumerate(plans):
+        in_f, out_f = _shape(p.module)
+        hp = choose_hparams(p.structure, in_f, out_f, p.budget, kind=config.budget_kind, bias=False,
+                            fixed=p.fixed, where=f"layer {p.name!r} ({out_f} x {in_f})")[0]
+        w = dense_weight(p.module)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + i)
+            try:
+                delta = make(p.structure, in_f, out_f, bias=False, device=w.device, dtype=w.dtype, **hp)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"layer {p.name!r} ({out_f} x {in_f}): {err}") from None
+        anchor = None
+        if zero_init and not zero_delta_init_(delta):
+            import copy
+
+            anchor = copy.deepcopy(delta)  # delta - anchor is zero at init, gradient intact
+        adapter = StructuredAdapter(p.module, delta, scale, anchor=anchor, freeze_base=False)
+        adapter.train(p.module.training)
+        built.append((p.name, adapter))
+        bias = getattr(p.module, "bias", None) is not None
+        rows.append(LayerReport(
+            name=p.name, kind="Conv1D" if _is_conv1d(p.module) else type(p.module).__name__, in_features=in_f,
+            out_features=out_f, structure=p.structure, hparams=delta.hparams(),
+            params_before=dense_count(in_f, out_f, "params", bias),
+            params_after=dense_count(in_f, out_f, "params", bias) + delta.num_params(),
+            flops_before=dense_count(in_f, out_f, "flops"),
+            flops_after=dense_count(in_f, out_f, "flops") + delta.flops(), method="adapter"))
+    if freeze:
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+    for name, adapter in built:
+        for prm in adapter.base.parameters():
+            prm.requires_grad_(False)
+        set_module(model, name, adapter)
+        for prm in adapter.delta.parameters():
+            prm.requires_grad_(True)
+    trainable = sum(prm.numel() for prm in model.parameters() if prm.requires_grad)
+    report = SurgeryReport(rows, before, _model_params(model), structure=config.structure,
+                           budget=config.budget, budget_kind=config.budget_kind, action="adapt",
+                           trainable_params=trainable)
+    return Adapters(model, [n for n, _ in built], report)

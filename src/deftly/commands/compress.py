@@ -1,0 +1,47 @@
+"""``deftly compress minilm``: structurize a real pretrained model at a budget and heal it by distillation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "compress a pretrained model (all-MiniLM-L6-v2) to structured layers and heal it by distillation"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="model", metavar="MODEL", required=True)
+    p = sub.add_parser("minilm", help="all-MiniLM-L6-v2 encoder linear layers -> STRUCTURE at BUDGET, then "
+                                      "distil from the dense teacher; cosine and sentiment-probe accuracy")
+    p.add_argument("--structure", default="lowrank", help="registered structure (default lowrank)")
+    p.add_argument("--budget", type=float, default=0.25, help="fraction of the encoder linear parameters "
+                                                              "(default 0.25)")
+    p.add_argument("--minutes", type=float, default=20.0, help="distillation time limit (default 20)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-steps", type=int, default=None, help="cap on distillation steps")
+    p.add_argument("--eval-sentences", type=int, default=500)
+    p.add_argument("--probe-limit", type=int, default=None, help="use the first N snippets of each split")
+    p.add_argument("--out", default="runs/minilm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue a killed distillation from its checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--clock", choices=["wall", "process"], default="wall",
+                   help="what --minutes counts: wall-clock, or this process's CPU time (robust on a shared machine)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..train.minilm import MiniLMConfig
+    from ..train.minilm import run as run_ml
+
+    command = "deftly " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("deftly") else None
+    cfg = MiniLMConfig(structure=args.structure, budget=args.budget, minutes=args.minutes,
+                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, max_steps=args.max_steps,
+                       eval_sentences=args.eval_sentences, probe_limit=args.probe_limit, seed=args.seed,
+                       threads=args.threads, clock=args.clock)
+    res = run_ml(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
+    print(Path(res["out_dir"], "results.md").read_text())
+    return 0
