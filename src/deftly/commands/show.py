@@ -3,7 +3,8 @@
 For each structure at each size: hyperparameters (the constructor's defaults), parameters, FLOPs per
 token, compression vs dense, and a self-check error ``max |forward(x) - (x @ to_dense().T + b)|``
 (float32, relative to ``max |y|``). The PNG draws ``|to_dense()|`` of each structure at a small size so
-the sparsity patterns (Monarch, butterfly, banded, ...) are visible.
+the sparsity patterns (Monarch, butterfly, banded, ...) are visible. The self-check runs the
+structure's own multiply (``use_backend("native")``), never the dense-weight fallback of the dispatcher.
 """
 
 from __future__ import annotations
@@ -50,13 +51,16 @@ def build_default(name: str, in_f: int, out_f: int, **kw: Any):
 def rows_for(names: list[str], sizes: list[tuple[int, int]], seed: int = 0) -> list[dict[str, Any]]:
     import torch
 
+    from ..kernels import use_backend
+
     rows = []
     for in_f, out_f in sizes:
         for name in names:
             torch.manual_seed(seed)
             layer = build_default(name, in_f, out_f)
             x = torch.randn(8, in_f)
-            with torch.no_grad():
+            # the structure's own multiply, not a dispatch to its materialised dense weight
+            with torch.no_grad(), use_backend("native"):
                 y = layer(x)
                 dense = layer.to_dense()
                 ref = x.to(dense.dtype) @ dense.T + (layer.bias if layer.bias is not None else 0)
