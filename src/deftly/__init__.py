@@ -22,6 +22,7 @@ __all__ = [
     "get",
     "load",
     "make",
+    "param_groups",
     "project",
     "register",
     "save",
@@ -39,7 +40,10 @@ _LAZY = {
     "save": ("deftly.persist", "save"),
     "load": ("deftly.persist", "load"),
     "densify": ("deftly.persist", "densify"),
+    "param_groups": ("deftly.train.mup", "param_groups"),
 }
+# subpackages reachable as attributes (``deftly.transforms.dft``) without importing them up front
+_SUBMODULES = {"transforms", "dual", "kernels", "distributed", "data", "train", "projection", "surgery"}
 
 
 def __getattr__(name: str):
@@ -50,6 +54,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(mod), attr)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"deftly.{name}")
     raise AttributeError(f"module 'deftly' has no attribute {name!r}")
 
 
