@@ -27,7 +27,8 @@ MONARCH = [((16, 16), {}), ((12, 20), {"nblocks": 3, "out_blocks": 2, "rank": 2}
 BLOCKDIAG = [((16, 16), 4), ((12, 20), 3), ((20, 12), 5), ((64, 64), 8), ((5, 7), 5)]
 BUTTERFLY = [((16, 16), {}), ((12, 20), {"depth": 2, "complex": True}), ((20, 12), {"init": "dct"}),
              ((64, 64), {"init": "fft"}), ((30, 50), {"depth": 3}), ((2, 2), {}), ((3, 5), {"depth": 2}),
-             ((32, 32), {"init": "hadamard"})]
+             ((32, 32), {"init": "hadamard"}), ((20, 24), {"init": "fft"}), ((8, 8), {"init": "fft", "depth": 2}),
+             ((6, 6), {"complex": True, "real_output": True, "perm": "bitrev"})]
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +128,12 @@ def test_butterfly_blocked_matches_reference_and_dense(size, hp):
     y = butterfly_blocked_matmul(layer, x)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(y, dense, rtol=1e-10, atol=1e-10)
+    xg = x.clone().requires_grad_(True)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(layer._reference_matmul(xg), [xg, layer.twiddle], g)
+    got = torch.autograd.grad(butterfly_blocked_matmul(layer, xg), [xg, layer.twiddle], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # the cached-blocks path
         torch.testing.assert_close(butterfly_blocked_matmul(layer, x), ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(butterfly_blocked_matmul(layer, x), ref, rtol=1e-10, atol=1e-10)

@@ -100,6 +100,8 @@ def butterfly_blocks(layer) -> list[tuple[bool, Tensor]]:
             return hit[1]
     k1 = split_bits(layer.log_n)
     blocks = [(low, _group_blocks(tw[d], js, layer.n, low, k1)) for d, low, js in _steps(layer)]
+    if _folds_bitrev(layer):
+        blocks = _fold_bitrev(blocks, k1, layer.log_n - k1)
     if cacheable:
         _CACHE[layer] = (key, blocks)
     return blocks
@@ -107,7 +109,7 @@ def butterfly_blocks(layer) -> list[tuple[bool, Tensor]]:
 
 def butterfly_blocked_matmul(layer, x: Tensor) -> Tensor:
     """Same map as ``Butterfly._matmul``: ``(batch, in) -> (batch, out)``."""
-    h = _prepare(layer, x)  # (batch, n), twiddle dtype
+    h = _prepare_bitrev(layer, x) if _folds_bitrev(layer) else _prepare(layer, x)  # (batch, n)
     batch, n = h.shape
     k1 = split_bits(layer.log_n)
     C1, C2 = 1 << k1, n // (1 << k1)
@@ -146,6 +148,53 @@ class _Transpose2D(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
         return g.t().contiguous()
+
+
+def _bitrev(m: int) -> Tensor:
+    """``(m,)``: ``i`` with its ``log2 m`` bits reversed."""
+    k = m.bit_length() - 1
+    idx = torch.arange(m)
+    rev = torch.zeros(m, dtype=torch.long)
+    for b in range(k):
+        rev |= ((idx >> b) & 1) << (k - 1 - b)
+    return rev
+
+
+def _folds_bitrev(layer) -> bool:
+    """The bit-reversal input permutation is folded into the blocks (the exact FFT's ``perm="bitrev"``)
+    when the first group of the first butterfly is the low one (always, for strides 1, 2, ...)."""
+    return layer.perm == "bitrev" and layer.log_n >= 2
+
+
+def _fold_bitrev(blocks: list, k1: int, k2: int) -> list:
+    """Bit reversal of ``pos = c2*C1 + c1`` reads input ``rev_k1(c1) * C2 + rev_k2(c2)``: a transpose of
+    the ``(C1, C2)`` tile of each input row (:func:`_prepare_bitrev`, fused with the cast) plus a
+    reversal of each axis, which relabels the first block product's batch order and columns and the
+    second one's columns (rev is an involution)."""
+    r1 = _bitrev(1 << k1).to(blocks[0][1].device)
+    r2 = _bitrev(1 << k2).to(blocks[0][1].device)
+    out = list(blocks)
+    low, M = out[0]
+    assert low
+    out[0] = (True, M.index_select(0, r2).index_select(2, r1))  # (c, c1_out, a)
+    if len(out) > 1:
+        low2, M2 = out[1]
+        assert not low2
+        out[1] = (False, M2.index_select(2, r2))  # columns indexed by c = rev(c2)
+    return out
+
+
+def _prepare_bitrev(layer, x: Tensor) -> Tensor:
+    """Zero-padded input with each row's ``(C1, C2)`` tile transposed, in the twiddle dtype: one copy
+    (the folded equivalent of the bit-reversal gather plus the cast)."""
+    if layer.in_features != layer.n:
+        x = F.pad(x, (0, layer.n - layer.in_features))
+    batch = x.shape[0]
+    k1 = split_bits(layer.log_n)
+    C1, C2 = 1 << k1, layer.n >> k1
+    out = torch.empty(batch, C2, C1, dtype=layer.twiddle.dtype, device=x.device)
+    out.copy_(x.reshape(batch, C1, C2).transpose(1, 2))
+    return out.view(batch, layer.n)
 
 
 def _prepare(layer, x: Tensor) -> Tensor:

@@ -303,11 +303,12 @@ def choose(layer, x: Tensor, native: Callable[[Tensor], Tensor]) -> str:
         if forced not in cands:  # unknown names are errors; known but unusable here: the default
             _check_name(forced, layer.name if own else None)
         return forced if forced in cands else _default(layer, cands)
-    if (not plain or x.dtype not in TUNED_DTYPES or x.device.type not in ("cpu", "cuda")
-            or getattr(_LOCAL, "tuning", False)):
+    if not plain or x.dtype not in TUNED_DTYPES or x.device.type not in ("cpu", "cuda"):
         return _default(layer, _candidates(layer, x, compiling, plain))
     key = (*_static_key(layer), _bucket(x.shape[0]), x.dtype, x.device.type, _mode(layer, x))
     hit = _DECISIONS.get(key)
+    if hit is None and key in getattr(_LOCAL, "tuning", ()):  # re-entered while tuning this key
+        return _default(layer, _candidates(layer, x, compiling, plain))
     if hit is None:
         cands = {k: b for k, b in _candidates(layer, x, compiling, plain).items() if b is None or b.auto}
         hit = _tune(key, layer, x, native, cands)
@@ -376,7 +377,12 @@ def _tune(key: tuple, layer, x: Tensor, native, cands: dict[str, Backend | None]
     of load from other processes hits them alike), keeping each one's fastest call."""
     train = key[-1] == "train"
     default = _default(layer, cands)
-    _LOCAL.tuning = True
+    # keys being tuned on this thread: a composite structure (lrbd) tunes its parts inside its own
+    # warm-up calls, so that its candidates are timed with their parts' best backends
+    tuning = getattr(_LOCAL, "tuning", None)
+    if tuning is None:
+        tuning = _LOCAL.tuning = set()
+    tuning.add(key)
     times: dict[str, list[float]] = {}
     try:
         with torch.random.fork_rng(devices=[]):
@@ -419,7 +425,7 @@ def _tune(key: tuple, layer, x: Tensor, native, cands: dict[str, Backend | None]
                         spent += t
                 rounds += 1
     finally:
-        _LOCAL.tuning = False
+        tuning.discard(key)
     results = {k: min(v) for k, v in times.items()}
     _TIMINGS[key] = results
     if not results:
