@@ -360,9 +360,6 @@ def test_wrong_device_input_is_a_clear_error(name):
         layer(torch.randn(2, 8, device="meta"))
 
 
-@pytest.mark.xfail(strict=True, reason="kernels/dispatch.py _plain() calls torch.is_autocast_enabled('meta'), "
-                   "which raises RuntimeError: a layer built on the meta device (FSDP's deferred init) cannot "
-                   "run on meta inputs (blockdiag, butterfly, lowrank, lrbd, monarch)")
 def test_meta_layer_runs_on_meta_inputs():
     failed = []
     for name in NAMES:

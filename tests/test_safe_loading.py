@@ -17,7 +17,7 @@ Covered, for every registered structure (registry-driven):
 * ``deftly.load`` (``deftly.persist``): truncated / pickled / reshaped / retyped / missing / extra weights,
   an unknown structure and invalid hyperparameters in ``deftly.json``;
 * the training loop's resume (``deftly.train.loop.train(resume=True)``) with a checkpoint that does not
-  fit the model (xfail: it calls ``model.load_state_dict`` unchecked; patch in the session report).
+  fit the model (model or optimizer state): a ``ValueError`` naming the file and key, nothing changed.
 """
 
 from __future__ import annotations
@@ -207,9 +207,6 @@ def test_checkpoint_optimizer_state_must_fit(tmp_path, name, params):
 
 
 # --------------------------------------------------------------------------- the training loop's resume
-@pytest.mark.xfail(strict=True, reason="train/loop.py resume calls model.load_state_dict unchecked: a checkpoint "
-                   "of the wrong shape raises a RuntimeError without the file name after overwriting every "
-                   "tensor that did fit (measured: 3 of 4 changed); patch in the session report")
 def test_train_resume_with_mismatched_checkpoint(tmp_path):
     from deftly.train.loop import TrainConfig, train
 

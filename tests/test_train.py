@@ -79,6 +79,28 @@ def test_param_groups_cover_every_parameter_once_with_scaled_lrs():
         param_groups(model, 0)
 
 
+def test_param_groups_max_multiplier_caps_every_factor():
+    torch.manual_seed(0)
+    model = nn.Sequential(deftly.make("lowrank", 64, 64, rank=8), nn.GELU(),
+                          deftly.make("blockdiag", 64, 64, nblocks=4), nn.LayerNorm(64), nn.Linear(64, 5))
+    free = {n: g["lr_mult"] for g in param_groups(model, 1e-3) for n in g["names"]}
+    assert free["0.U"] > 2 and free["2.weight"] > 2 and free["0.V"] < 1  # what the cap acts on
+    for cap in (1.0, 0.5):
+        groups = param_groups(model, 1e-3, max_multiplier=cap)
+        capped = {n: g for g in groups for n in g["names"]}
+        assert all(g["lr_mult"] <= cap + 1e-12 and g["lr"] <= 1e-3 * cap + 1e-15 for g in groups
+                   if any(n.endswith(("U", "V", "weight")) and not n.startswith("3.") for n in g["names"]))
+        for name, m in free.items():  # multipliers under the cap are unchanged; non-linear ones stay 1
+            if name.startswith("3.") or name.endswith("bias"):
+                assert capped[name]["lr_mult"] == 1.0
+            else:
+                assert capped[name]["lr_mult"] == pytest.approx(min(m, cap))
+    assert lr_multipliers(model, max_multiplier=1.0)["0.U"] == 1.0
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="max_multiplier"):
+            param_groups(model, 1e-3, max_multiplier=bad)
+
+
 def test_lr_multipliers_with_width_rule():
     model = nn.Sequential(deftly.make("dense", 64, 64), deftly.make("dense", 64, 64))
     m = lr_multipliers(model, base_width=32)

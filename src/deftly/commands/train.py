@@ -52,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm.add_argument("--eval-every", type=int, default=50)
     lm.add_argument("--eval-windows", type=int, default=128)
     lm.add_argument("--text-limit", type=int, default=None, help="use the first N characters of the text")
-    lm.add_argument("--no-mup", action="store_true")
+    lm.add_argument("--no-mup", action="store_true", help="one global learning rate instead of per-factor")
+    lm.add_argument("--max-lr-mult", type=float, default=None,
+                    help="cap the per-factor learning-rate multipliers at this value (e.g. 1: no factor faster "
+                         "than a dense weight; default: no cap)")
     _common(lm, "runs/charlm")
 
 
@@ -62,6 +65,9 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--strategy", choices=["none", "ddp", "fsdp2"], default="none",
+                   help="data parallelism under `torchrun --nproc_per_node=N -m deftly train ...`: each rank "
+                        "trains on its slice of every global batch (default none: one process)")
     p.add_argument("--clock", choices=["wall", "process"], default="wall",
                    help="time measure: wall-clock, or this process's CPU time (robust on a shared machine)")
 
@@ -77,7 +83,29 @@ def _resolve(names: list[str] | None, default: tuple[str, ...]) -> tuple[str, ..
 
 
 def run(args: argparse.Namespace) -> int:
-    command = "deftly " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("deftly") else None
+    from .. import distributed as ddist
+
+    launcher = sys.argv[0] if sys.argv else ""
+    command = ("deftly " + " ".join(sys.argv[1:])) if launcher.endswith(("deftly", "__main__.py")) else None
+    if args.strategy != "none":
+        info = ddist.setup()
+        if not info.distributed:
+            raise ValueError(f"--strategy {args.strategy} needs several processes: launch with `torchrun "
+                             f"--standalone --nproc_per_node=2 -m deftly train {args.recipe} --strategy "
+                             f"{args.strategy} ...` (or use --strategy none)")
+        if command is not None:
+            command = f"torchrun --nproc_per_node={info.world_size} -m {command}"
+    main = ddist.is_main()
+    try:
+        res = _run_recipe(args, command)
+    finally:
+        ddist.teardown()
+    if main:
+        print((__import__("pathlib").Path(res["out_dir"]) / "results.md").read_text())
+    return 0
+
+
+def _run_recipe(args: argparse.Namespace, command: str | None) -> dict:
     if args.recipe == "fashion-mnist":
         from ..train.fashion import FashionConfig
         from ..train.fashion import run as run_fm
@@ -88,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                             depth=args.depth or default_depth, epochs=args.epochs, batch_size=args.batch_size,
                             lr=args.lr, mup=not args.no_mup, seed=args.seed, train_limit=args.train_limit,
                             test_limit=args.test_limit, threads=args.threads)
-        res = run_fm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
+        return run_fm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
+                      strategy=args.strategy)
     else:
         from ..train.charlm import CharLMConfig
         from ..train.charlm import run as run_lm
@@ -97,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                            layers=args.layers, d=args.d, heads=args.heads, ctx=args.ctx, batch_size=args.batch_size,
                            steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
                            eval_windows=args.eval_windows, seed=args.seed, text_limit=args.text_limit,
-                           threads=args.threads, mup=not args.no_mup, clock=args.clock)
-        res = run_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
-    print((__import__("pathlib").Path(res["out_dir"]) / "results.md").read_text())
-    return 0
+                           threads=args.threads, mup=not args.no_mup, max_lr_mult=args.max_lr_mult,
+                           clock=args.clock)
+        kw = {} if args.strategy == "none" else {"strategy": args.strategy}
+        return run_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command, **kw)

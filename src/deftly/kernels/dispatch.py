@@ -232,7 +232,10 @@ def _bucket(batch: int) -> int:
 
 
 def _plain(x: Tensor) -> bool:
-    """No functorch wrapper, no autocast, no active TorchDispatchMode (FlopCounterMode, fake tensors)."""
+    """A CPU/CUDA tensor with no functorch wrapper, no autocast, no active TorchDispatchMode
+    (FlopCounterMode, fake tensors). Other devices (meta: FSDP's deferred init) take the native path."""
+    if x.device.type not in ("cpu", "cuda"):
+        return False
     if torch._C._len_torch_dispatch_stack() > 0 or torch.is_autocast_enabled(x.device.type):
         return False
     try:

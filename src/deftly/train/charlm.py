@@ -33,6 +33,7 @@ from ..data import wikipedia
 from .budget import BudgetError
 from .common import available, budget_linear, forward_flops, linear_stats, median_step_time, seed_everything
 from .loop import TrainConfig, train
+from .mup import param_groups
 from .results import curves_plot, pareto_plot, write_json, write_run
 
 __all__ = ["COLUMNS", "GPT", "CharLMConfig", "run", "val_bits_per_char"]
@@ -59,6 +60,7 @@ class CharLMConfig:
     text_limit: int | None = None
     threads: int | None = None
     mup: bool = True
+    max_lr_mult: float | None = None  # cap on the per-factor learning-rate multipliers (None: no cap)
     clock: str = "wall"  # "process": CPU time of this process, robust on a shared machine
 
     def __post_init__(self) -> None:
@@ -71,6 +73,8 @@ class CharLMConfig:
             raise ValueError(f"fraction={self.fraction} must be in (0, 1], e.g. 0.25")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
+        if self.max_lr_mult is not None and not (self.max_lr_mult > 0 and math.isfinite(self.max_lr_mult)):
+            raise ValueError(f"max_lr_mult={self.max_lr_mult!r} must be a positive number, e.g. 1.0")
 
 
 class Block(nn.Module):
@@ -180,6 +184,30 @@ COLUMNS = [("structure", "structure"), ("hparams", "hyperparameters (fc1)"), ("l
            ("val_bpc_equal_time_median", "val bpc @ dense's time (median step)")]
 
 
+def _optimizer(model: GPT, cfg: CharLMConfig) -> torch.optim.Optimizer | None:
+    """AdamW over per-factor rates capped at ``cfg.max_lr_mult``; ``None`` (the loop's default) without a cap."""
+    if not cfg.mup or cfg.max_lr_mult is None:
+        return None
+    groups = param_groups(model, cfg.lr, exclude=(model.head,), max_multiplier=cfg.max_lr_mult)
+    for g in groups:
+        g.pop("names", None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+
+
+def _resume_key(cfg: CharLMConfig, name: str, steps: int) -> dict[str, Any]:
+    """What a finished run's ``row.json`` must match to be reused by ``--resume``. A cap >= 1 does not
+    change dense (all its multipliers are 1), nor does ``mup`` (the same rates in one group), so a dense run
+    is reused across both; ``None`` is left out so that runs written before the option existed stay
+    reusable."""
+    key = {**asdict(cfg), "structures": None, "threads": None, "steps_run": steps}
+    if name == "dense":
+        key["mup"] = True
+    cap = key.pop("max_lr_mult")
+    if cap is not None and (name != "dense" or cap < 1):
+        key["max_lr_mult"] = cap
+    return key
+
+
 def _model(cfg: CharLMConfig, vocab: int, structure: str) -> GPT:
     seed_everything(cfg.seed)
     return GPT(vocab, structure, cfg.fraction, cfg.layers, cfg.d, cfg.heads, cfg.ctx)
@@ -234,7 +262,7 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
         tcfg = TrainConfig(steps=steps, lr=cfg.lr, warmup=cfg.warmup, min_lr_ratio=1.0, mup=cfg.mup,
                            eval_every=cfg.eval_every, checkpoint_every=cfg.eval_every, seed=cfg.seed,
                            progress=progress, label=f"charlm {name}", weight_decay=0.0, clock=cfg.clock)
-        key = {**asdict(cfg), "structures": None, "threads": None, "steps_run": steps}
+        key = _resume_key(cfg, name, steps)
         done = sub / "row.json"
         if resume and done.exists() and json.loads(done.read_text()).get("key") == json.loads(json.dumps(key)):
             row = json.loads(done.read_text())["row"]
@@ -242,7 +270,7 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
             res = train(model, get_batch, lm_loss, tcfg,
                         evaluate=lambda m: {"val_bpc": val_bits_per_char(m, windows)},
                         checkpoint_path=sub / "checkpoint.safetensors", resume=resume,
-                        exclude_from_mup=(model.head,))
+                        optimizer=_optimizer(model, cfg), exclude_from_mup=(model.head,))
             hist = [{**h, "median_time": h["step"] * step_time[name]} for h in res.history]
             row = {"structure": name, **stats, "hparams": model.blocks[0].fc1.hparams(),
                    "linear_params": stats["hidden_params"], "linear_fraction": stats["hidden_fraction"],
@@ -263,7 +291,9 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
                                                             dense["history"][-1]["median_time"])
     notes.insert(0, f"GPT {cfg.layers} layers, d={cfg.d}, {cfg.heads} heads, context {cfg.ctx}, batch "
                     f"{cfg.batch_size}; AdamW lr {cfg.lr} (warm-up {cfg.warmup}, then constant) with "
-                    f"structure-aware per-factor LRs; attention and MLP projections at <= {cfg.fraction:.0%} of "
+                    + ("structure-aware per-factor LRs" if cfg.mup else "one global LR")
+                    + (f" capped at {cfg.max_lr_mult:g}x" if cfg.mup and cfg.max_lr_mult is not None else "")
+                    + f"; attention and MLP projections at <= {cfg.fraction:.0%} of "
                     f"their dense parameters; {len(train_ids):,} training / {len(val_ids):,} validation "
                     f"characters, vocabulary {len(vocab)}; val loss on {cfg.eval_windows} fixed windows.")
     notes.append("equal wall-clock: each model's val loss at the training time dense needed for its "

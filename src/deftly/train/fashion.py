@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import distributed as ddist
 from ..data import fashion_mnist
 from .budget import BudgetError
 from .common import available, budget_linear, forward_flops, linear_stats, seed_everything
@@ -150,7 +151,8 @@ COLUMNS = [("structure", "structure"), ("hparams", "hyperparameters"), ("hidden_
            ("train_time", "train s"), ("test_acc", "test acc %"), ("gap", "gap to dense (points)")]
 
 
-def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, progress: bool,
+         strategy: str = "none") -> dict[str, Any]:
     sub = out / structure
     done = sub / "row.json"
     key = {**asdict(cfg), "structures": None, "threads": None}
@@ -178,19 +180,23 @@ def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, prog
                        checkpoint_every=max(1, idx.steps_per_epoch // 2), seed=cfg.seed,  # type: ignore[attr-defined]
                        progress=progress, label=f"fashion-mnist {cfg.model} {structure}")
     res = train(model, get_batch, loss_fn, tcfg, evaluate=lambda m: {"test_acc": accuracy(m, xt, yt)},
-                checkpoint_path=sub / "checkpoint.safetensors", resume=resume,
+                checkpoint_path=sub / "checkpoint.safetensors", resume=resume, strategy=strategy,
                 exclude_from_mup=(model.inp, model.out) if isinstance(model, MLP) else (model.embed, model.out))
     row = {"structure": structure, **stats, "train_time": res.train_time,
            "test_acc": 100.0 * res.history[-1]["test_acc"], "final_train_loss": res.final_loss,
            "epochs": cfg.epochs, "steps": res.step,
            "curve": [(h["step"] / idx.steps_per_epoch, 100.0 * h["test_acc"]) for h in res.history]}  # type: ignore
-    write_json(done, {"key": key, "row": row})
+    if ddist.is_main():
+        write_json(done, {"key": key, "row": row})
     return row
 
 
 def run(cfg: FashionConfig, out_dir: str | Path = "runs/fashion-mnist", resume: bool = False,
-        progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Train every structure of ``cfg`` and write the run directory; returns the results dict."""
+        progress: bool = True, command: str | None = None, strategy: str = "none") -> dict[str, Any]:
+    """Train every structure of ``cfg`` and write the run directory; returns the results dict.
+
+    ``strategy="ddp"|"fsdp2"``: call it in every process of a ``torchrun`` launch (process group up);
+    each rank trains on its slice of every batch, rank 0 writes the run directory."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
@@ -202,7 +208,7 @@ def run(cfg: FashionConfig, out_dir: str | Path = "runs/fashion-mnist", resume: 
     t0 = time.perf_counter()
     for name in names:
         try:
-            rows.append(_one(cfg, name, data, out, resume, progress))
+            rows.append(_one(cfg, name, data, out, resume, progress, strategy))
         except BudgetError as err:
             notes.append(f"{name}: skipped — {err}")
     dense = next((r for r in rows if r["structure"] == "dense"), None)
@@ -218,6 +224,8 @@ def run(cfg: FashionConfig, out_dir: str | Path = "runs/fashion-mnist", resume: 
         notes.append(f"best structure: {best['structure']} at {best['hidden_fraction']:.1%} of the hidden "
                      f"parameters, {best['test_acc']:.2f}% vs dense {dense['test_acc']:.2f}% "
                      f"(gap {best['gap']:+.2f} points).")
+    if not ddist.is_main():  # rank 0 writes the run directory
+        return {"rows": rows, "notes": notes, "out_dir": str(out), "best": best, "dense": dense}
     plots = []
     if rows:
         plots.append(pareto_plot([{**r, "x": r["hidden_params"]} for r in rows], "x", "test_acc",
@@ -227,7 +235,8 @@ def run(cfg: FashionConfig, out_dir: str | Path = "runs/fashion-mnist", resume: 
                                   for r in rows}, out / "curves.png", title="test accuracy per epoch",
                                  xlabel="epoch", ylabel="test accuracy (%)"))
     config = {**asdict(cfg), "structures": list(cfg.structures), "train_size": len(x), "test_size": len(xt),
-              "wall_time": time.perf_counter() - t0}
+              "wall_time": time.perf_counter() - t0, "strategy": strategy,
+              "world_size": ddist.info().world_size}
     table_rows = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     write_run(out, recipe=f"fashion-mnist-{cfg.model}", config=config, rows=table_rows, columns=COLUMNS,
               notes=notes, plots=plots, command=command, extra={"curves": {r["structure"]: r["curve"]

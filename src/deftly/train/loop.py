@@ -8,8 +8,16 @@ progress bar (loss, speed and ETA on stderr), evaluation history with the *train
 each evaluation, and periodic atomic checkpoints of everything a bit-exact resume needs: model,
 optimizer, torch / numpy / Python RNG states, step counter, elapsed training time and history.
 
-Distributed training plugs in through one hook: ``wrap_model(model) -> module`` is called once, and
-the returned module is used for forward/backward while checkpoints always hold the unwrapped model.
+Distributed training: ``train(..., strategy="ddp" | "fsdp2")`` in every process of a ``torchrun`` launch
+(after :func:`deftly.distributed.setup`). The per-factor learning rates are measured on the plain model,
+then the model is wrapped (:func:`deftly.distributed.wrap_model`) and the optimizer built on the wrapped
+parameters; every rank takes its slice of each global batch (``get_batch`` returns the global batch;
+tensors whose dim 0 is the batch are sliced), so N ranks make exactly the updates of one process.
+Checkpoints hold the full model and a name-keyed optimizer state (:func:`deftly.distributed.full_state_dict`,
+:func:`~deftly.distributed.full_optimizer_state_dict`), written by rank 0, the same file in one process and
+in N: a run checkpointed under DDP resumes in one process and vice versa. Resuming checks the file against
+the model (keys, shapes, dtypes, optimizer groups) before changing anything.
+``wrap_model(model) -> module`` remains as a hook for other wrappers (single process).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as ddist
 from ..checkpoint import load_checkpoint, save_checkpoint
 from .mup import param_groups, set_lr
 
@@ -45,6 +54,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio; 1.0 keeps lr constant
     grad_clip: float | None = 1.0
     mup: bool = True  # structure-aware per-factor learning rates
+    max_lr_mult: float | None = None  # cap on the per-factor multipliers (None: uncapped)
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 0  # 0: no periodic checkpoints (one is still written at the end if a path is set)
     seed: int = 0
@@ -174,30 +184,123 @@ def identity_wrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _global_rows(batch: Any) -> int | None:
+    """The size of dim 0 of the first tensor in ``batch`` (a tensor or nested tuple/list/dict)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in items:
+        n = _global_rows(v)
+        if n is not None:
+            return n
+    return None
+
+
+def _local_batch(batch: Any, rows: slice, n: int, device: torch.device) -> Any:
+    """This rank's rows of every tensor of ``batch`` whose dim 0 is the global batch ``n``, on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        t = batch[rows] if batch.dim() and batch.shape[0] == n else batch
+        return t.to(device)
+    if isinstance(batch, dict):
+        return {k: _local_batch(v, rows, n, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_local_batch(v, rows, n, device) for v in batch)
+    return batch
+
+
+def _rebind(groups: list[dict[str, Any]], run_model: nn.Module) -> list[dict[str, Any]]:
+    """Point ``groups`` (built on the plain model, with ``names``) at the wrapped model's parameters:
+    FSDP2 replaces every parameter by a sharded one and stores a complex one as (real, imag)."""
+    params = dict(ddist.unwrap(run_model).named_parameters())
+    conv = ddist._converted(run_model)
+    out = []
+    for g in groups:
+        names = [s for n in g["names"] for s in (conv[n][1] if n in conv else [n])]
+        out.append({**g, "params": [params[n] for n in names], "names": names})
+    return out
+
+
+def _is_legacy_optim(osd: Any) -> bool:
+    """An index-keyed ``optimizer.state_dict()`` (checkpoints of deftly before name-keyed states)."""
+    return isinstance(osd, dict) and any(not isinstance(p, str) for g in osd.get("param_groups", [])
+                                         for p in g.get("params", []))
+
+
+def _load_state(state: dict[str, Any], ckpt: Path, model: nn.Module, run_model: nn.Module,
+                optimizer: torch.optim.Optimizer, distributed: bool) -> None:
+    """Check the checkpoint's model and optimizer state against ``model``/``optimizer``, then load both
+    (nothing changes when a check fails)."""
+    src = str(ckpt)
+    for key in ("model", "optimizer", "rng", "step", "train_time", "history", "losses"):
+        if key not in state:
+            raise ValueError(f"{src}: not a training checkpoint: key {key!r} is missing (found "
+                             f"{sorted(state)}); start a new run directory or drop --resume")
+    ddist.check_state_dict(run_model, state["model"], source=src)
+    osd = state["optimizer"]
+    if _is_legacy_optim(osd):
+        if distributed:
+            raise ValueError(f"{src}: the optimizer state is index-keyed (written by an older deftly); resume "
+                             "it once in a single process, which rewrites it keyed by parameter name")
+        try:  # Optimizer.load_state_dict checks the group sizes before it changes anything
+            optimizer.load_state_dict(osd)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{src}: optimizer state does not match this model's optimizer: {err}") from None
+        model.load_state_dict(state["model"])
+        return
+    ddist._check_optim_state(run_model, optimizer, osd, src)
+    ddist.load_full_state_dict(run_model, state["model"], source=src)
+    ddist.load_full_optimizer_state_dict(run_model, optimizer, osd, source=src)
+
+
 def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
           config: TrainConfig, *, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
           checkpoint_path: str | os.PathLike | None = None, resume: bool = False,
           optimizer: torch.optim.Optimizer | None = None,
           wrap_model: Callable[[nn.Module], nn.Module] = identity_wrap,
           exclude_from_mup: tuple[nn.Module, ...] = (),
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, strategy: str = "none") -> TrainResult:
     """Train ``model`` for ``config.steps`` steps; see the module docstring.
 
     ``resume=True`` with an existing ``checkpoint_path`` continues that run exactly (same final weights as
     an uninterrupted run); with no checkpoint there it starts afresh. ``on_step(step, loss)`` is called
-    after each step (tests use it to slow a run down).
+    after each step (tests use it to slow a run down). ``strategy``: ``"none"``, or ``"ddp"``/``"fsdp2"``
+    in a ``torchrun`` launch whose process group is up (:func:`deftly.distributed.setup`); ``evaluate``
+    then runs on every rank (an FSDP2 forward is collective) and only rank 0 prints and writes files.
     """
     cfg = config
+    if strategy not in ddist.STRATEGIES:
+        raise ValueError(f"train: strategy={strategy!r} is not one of {', '.join(map(repr, ddist.STRATEGIES))}")
+    dinfo = ddist.info()
+    if strategy == "none" and dinfo.distributed:
+        raise ValueError(f"train: this process is rank {dinfo.rank} of {dinfo.world_size} (torchrun) but "
+                         f"strategy='none' would train {dinfo.world_size} independent copies; use "
+                         "strategy='ddp' or 'fsdp2'")
+    if strategy != "none":
+        if not dinfo.distributed:
+            raise ValueError(f"train: strategy={strategy!r} needs a process group: launch with `torchrun "
+                             "--nproc_per_node=N ...` and call deftly.distributed.setup() first")
+        if optimizer is not None:
+            raise ValueError(f"train: with strategy={strategy!r} the optimizer must be built after wrapping; "
+                             "pass optimizer=None (AdamW over per-factor groups is built for you)")
     torch.manual_seed(cfg.seed)
+    groups: list[dict[str, Any]] | None = None
     if optimizer is None:
-        groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, exclude=exclude_from_mup) \
+        cap = {} if cfg.max_lr_mult is None else {"max_multiplier": cfg.max_lr_mult}
+        groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, exclude=exclude_from_mup, **cap) \
             if cfg.mup else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
-                              "lr_mult": 1.0, "weight_decay": cfg.weight_decay}]
-        for g in groups:
+                              "lr_mult": 1.0, "weight_decay": cfg.weight_decay,
+                              "names": [n for n, p in model.named_parameters() if p.requires_grad]}]
+    if strategy == "none":
+        run_model = wrap_model(model)
+    else:
+        run_model = ddist.wrap_model(model, strategy)
+        groups = _rebind(groups, run_model)  # type: ignore[arg-type]
+    if optimizer is None:
+        for g in groups:  # type: ignore[union-attr]
             g.pop("names", None)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run_model = wrap_model(model)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    main = dinfo.is_main
 
     step, train_time = 0, 0.0
     history: list[dict[str, Any]] = []
@@ -211,21 +314,24 @@ def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[
                 raise ValueError(f"cannot resume from {ckpt}: it was written with {key}={saved_cfg[key]!r} but "
                                  f"this run has {key}={getattr(cfg, key)!r}; use the same settings or a new "
                                  "run directory")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_state(state, ckpt, model, run_model, optimizer, dinfo.distributed)
         set_rng_state(state["rng"])
         step, train_time = int(state["step"]), float(state["train_time"])
         history, losses = list(state["history"]), [float(x) for x in state["losses"]]
         resumed_from = step
-        if cfg.progress:
+        if cfg.progress and main:
             print(f"{cfg.label}: resumed from {ckpt} at step {step}/{cfg.steps}", file=sys.stderr)
 
     def save() -> None:
         if ckpt is None:
             return
-        save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "rng": rng_state(), "step": step, "train_time": train_time,
-                               "history": history, "losses": losses, "config": asdict(cfg)})
+        sd = ddist.full_state_dict(run_model)  # collective under DDP/FSDP2; full tensors on rank 0
+        osd = ddist.full_optimizer_state_dict(run_model, optimizer)  # keyed by parameter name
+        if main:
+            save_checkpoint(ckpt, {"model": sd, "optimizer": osd, "rng": rng_state(), "step": step,
+                                   "train_time": train_time, "history": history, "losses": losses,
+                                   "config": asdict(cfg)})
+        ddist.barrier()
 
     def run_eval() -> None:
         if evaluate is None:
@@ -238,7 +344,7 @@ def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[
         history.append({"step": step, "train_time": train_time, **{k: float(v) for k, v in metrics.items()}})
 
     clock = time.perf_counter if cfg.clock == "wall" else time.process_time
-    bar = Progress(cfg.steps, cfg.label, cfg.progress)
+    bar = Progress(cfg.steps, cfg.label, cfg.progress and main)
     bar.start_step = step
     model.train()
     stopped_early = False
@@ -249,18 +355,25 @@ def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[
         t0 = clock()
         set_lr(optimizer, lr_at(step, cfg))
         batch = get_batch(step)
+        if dinfo.distributed:
+            n = _global_rows(batch)
+            if n is None:
+                raise ValueError(f"{cfg.label}: get_batch({step}) returned no tensor with a batch dimension; "
+                                 "under DDP/FSDP2 each rank slices the global batch on dim 0")
+            rows = ddist.local_slice(n, dinfo)
+            batch = _local_batch(batch, rows, n, dinfo.device)
         loss = loss_fn(run_model, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{cfg.label}: loss became {loss.item()} at step {step}; lower lr "
+        lv = ddist.all_reduce_mean(loss.detach()) if dinfo.distributed else float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"{cfg.label}: loss became {lv} at step {step}; lower lr "
                                      f"(now {cfg.lr}) or enable grad_clip")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(run_model.parameters(), cfg.grad_clip)
         optimizer.step()
         train_time += clock() - t0
         step += 1
-        lv = float(loss.detach())
         losses.append(lv)
         extra = ""
         if history:
