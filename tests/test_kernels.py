@@ -420,6 +420,21 @@ _TRITON_SCRIPT = r"""
 import torch, deftly
 from deftly.kernels import triton_kernels as T
 torch.manual_seed(0)
+for name, hp in [("monarch", dict(nblocks=3, out_blocks=2, rank=2)), ("blockdiag", dict(nblocks=3))]:
+    ref_layer = deftly.make(name, 12, 20, dtype=torch.float64, **hp)  # bf16 forward+backward vs float64
+    x64 = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    ref = ref_layer.reference_forward(x64)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x64, *ref_layer.parameters()], g)
+    low = deftly.make(name, 12, 20, dtype=torch.bfloat16, **hp)
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref_layer.state_dict().items()})
+    low.kernel_backend = "triton"
+    xb = x64.detach().to(torch.bfloat16).requires_grad_(True)
+    y = low(xb)
+    got = torch.autograd.grad(y, [xb, *low.parameters()], g.to(torch.bfloat16))
+    for a, b in zip((y, *got), (ref, *want)):
+        err = float((a.double() - b).abs().max() / b.abs().max())
+        assert err < 3e-2, (name, err)
 for (i, o, kw) in [(12, 20, dict(nblocks=3, out_blocks=2, rank=2))]:
     m = deftly.make("monarch", i, o, **kw)
     x = torch.randn(5, i, requires_grad=True)

@@ -8,7 +8,10 @@ write ``y`` in place and nothing is copied (forward: 2 launches, backward: 4).
 
 On a CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported), which is how the tests check them; the dispatcher offers ``"triton"`` only for CUDA tensors.
-fp32 uses IEEE products (no TF32); bf16 accumulates in fp32. Not measured on a GPU in this project yet.
+fp32 uses IEEE products (no TF32); bf16 accumulates in fp32. Under the interpreter (triton 3.9) a bf16
+``tl.dot`` returns garbage (measured: max error 2e10 on a 16x16 product), so there bf16/fp16 operands are
+upcast to fp32 before the product; on a GPU the product runs in bf16 on the tensor cores.
+Not measured on a GPU in this project yet: ``python benchmarks/gpu_triton.py`` is the prepared check.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _kernels():
     @triton.jit
     def bmm_kernel(A, B, C, M, N, K,
                    sab, sam, sak1, sak2, sbb, sbk1, sbk2, sbn, scb, scm, scn1, scn2,
-                   RK: tl.constexpr, RN: tl.constexpr, IEEE: tl.constexpr,
+                   RK: tl.constexpr, RN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -63,7 +66,9 @@ def _kernels():
                         mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
             b = tl.load(b_base + kb[:, None] + offs_n[None, :] * sbn,
                         mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-            if IEEE:
+            if UPCAST:  # the interpreter's bf16/fp16 tl.dot is wrong: multiply in fp32 there
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            elif IEEE:
                 acc += tl.dot(a, b, input_precision="ieee")
             else:
                 acc += tl.dot(a, b)
@@ -93,7 +98,9 @@ def bmm_strided(a: tuple, b: tuple, c: tuple, nbatch: int, M: int, N: int, K: in
     bm, bn, bk = _blk(M), _blk(N), _blk(K)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), nbatch)
     kern[grid](A, B, C, M, N, K, sab, sam, sak1, sak2, sbb, sbk1, sbk2, sbn, scb, scm, scn1, scn2,
-               RK=rk, RN=rn, IEEE=A.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+               RK=rk, RN=rn, IEEE=A.dtype == torch.float32,
+               UPCAST=A.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
 
 
 # ------------------------------------------------------------------------------------------ blockdiag
