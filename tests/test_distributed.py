@@ -47,16 +47,6 @@ STRATEGIES = ("ddp", "fsdp2")
 WORKER_TIMEOUT_S = 240
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is fastest, and spinning OpenMP threads on a shared 2-core machine made single
-    bmm calls take 20+ ms; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- checkpoint I/O
 def save(path, state):
     from deftly.checkpoint import save_checkpoint

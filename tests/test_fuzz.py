@@ -47,16 +47,6 @@ INPUT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, tor
                 torch.complex128, torch.int64, torch.int32, torch.uint8, torch.bool]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is fastest, and spinning OpenMP threads on a shared 2-core machine made single
-    bmm calls take 20+ ms; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @contextlib.contextmanager
 def no_hang(seconds: float = HANG_S):
     """Turn a hang into a failure (SIGALRM; main thread, POSIX)."""

@@ -37,16 +37,6 @@ GRAD_BUDGET = {torch.float16: 2e-2, torch.bfloat16: 1.2e-1}
 RESULTS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread is fastest, and spinning OpenMP threads on a shared 2-core machine made single
-    bmm calls take 20+ ms; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class ResidualStack(nn.Module):
     def __init__(self, name: str, params: dict):
         super().__init__()

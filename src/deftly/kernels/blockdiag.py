@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _pool
+from ._transpose import pretransposed
 
 __all__ = [
     "BlockDiagFunction",
@@ -44,13 +45,6 @@ def _bmm_to_rows(a: Tensor, b: Tensor, batch: int, strided: bool) -> Tensor:
     return out
 
 
-def _pretransposed(w: Tensor, x: Tensor) -> Tensor:
-    """``w.transpose(1, 2)``, made contiguous when the weight is small next to the activations: ``bmm``
-    with a transposed right operand runs ~1.5x slower here, but copying a large weight at a small batch
-    costs more than that (a 16 MB weight at batch 1)."""
-    wt = w.transpose(1, 2)
-    return wt.contiguous() if 4 * w.numel() <= x.numel() else wt
-
 
 def _blocks(x: Tensor, k: int, p: int) -> Tensor:
     """``x (batch, k*p)`` as a contiguous ``(k, batch, p)`` copy (rows of ``p`` values: memory speed)."""
@@ -65,7 +59,7 @@ def blockdiag_forward(x: Tensor, weight: Tensor, strided: bool = False) -> Tenso
     k, _q, p = weight.shape
     batch = x.shape[0]
     xb = x.view(batch, k, p).transpose(0, 1) if x.is_contiguous() else x.reshape(batch, k, p).transpose(0, 1)
-    return _bmm_to_rows(xb, _pretransposed(weight, x), batch, strided)
+    return _bmm_to_rows(xb, pretransposed(weight, x), batch, strided)
 
 
 def blockdiag_backward(gy: Tensor, x: Tensor, weight: Tensor, need_x: bool = True, need_w: bool = True,
