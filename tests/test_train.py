@@ -246,3 +246,18 @@ def test_nan_loss_is_reported():
     model, gb, _, *_ = _toy()
     with pytest.raises(FloatingPointError, match="lower lr"):
         train(model, gb, lambda m, b: m(b[0]).sum() * math.nan, TrainConfig(steps=3, progress=False))
+
+
+def test_charlm_resume_key_ignores_cap_for_dense_and_reuses_longer_runs():
+    from deftly.train.charlm import CharLMConfig, _resume_key, _reusable
+
+    capped, free = CharLMConfig(max_lr_mult=1.0), CharLMConfig(max_lr_mult=None, mup=False)
+    assert _resume_key(capped, "dense", 10) == _resume_key(free, "dense", 10)  # dense is the same run
+    assert _resume_key(capped, "lowrank", 10) != _resume_key(CharLMConfig(max_lr_mult=None), "lowrank", 10)
+    assert "max_lr_mult" not in _resume_key(CharLMConfig(max_lr_mult=None), "lowrank", 10)  # older runs reusable
+    saved = _resume_key(capped, "blockdiag", 1800)
+    assert _reusable(saved, _resume_key(capped, "blockdiag", 1700))
+    assert not _reusable(saved, _resume_key(capped, "blockdiag", 1900))
+    assert not _reusable(saved, _resume_key(CharLMConfig(max_lr_mult=0.5), "blockdiag", 1800))
+    with pytest.raises(ValueError, match="max_lr_mult"):
+        CharLMConfig(max_lr_mult=0.0)

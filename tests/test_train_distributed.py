@@ -8,7 +8,8 @@ worker, on a real slice of Fashion-MNIST:
 * a single-process run killed after its step-4 checkpoint resumes under FSDP2 on 2 ranks and ends the
   same (a single-process checkpoint loads into a sharded model, and FSDP2 steps equal one process's);
 * ``deftly train fashion-mnist --strategy ddp`` (the CLI recipe) under torchrun gives the same table
-  and checkpoint as the same command in one process.
+  and checkpoint as the same command in one process; ``deftly train charlm --strategy fsdp2`` likewise
+  for its dense model.
 
 The models hold a Monarch and a butterfly layer (structured factors with a tiny dim 0) next to dense
 layers, with per-factor learning rates and gradient clipping, so every part of the loop is exercised.
@@ -169,6 +170,33 @@ def test_cli_recipe_under_torchrun_equals_one_process(tmp_path):
         sb = load_checkpoint(tmp_path / "ddp" / a["structure"] / "checkpoint.safetensors")["model"]
         for k in sa:
             torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-5)
+
+
+def test_charlm_recipe_under_torchrun(tmp_path):
+    """``deftly train charlm --strategy fsdp2`` on 2 ranks: dense (a fixed number of steps) ends with the
+    parameters of the one-process run; the structured row is there (its length follows rank 0's timing)."""
+    from deftly.data import wikipedia
+
+    try:
+        wikipedia.char_splits(limit=30_000)
+    except (FileNotFoundError, ImportError) as err:  # pragma: no cover - the set-up installs gensim
+        pytest.skip(str(err))
+    from deftly.checkpoint import load_checkpoint
+    from deftly.cli import main
+
+    args = ["train", "charlm", "--structures", "dense,blockdiag", "--steps", "4", "--eval-every", "2",
+            "--eval-windows", "4", "--text-limit", "30000", "--layers", "1", "--dim", "32", "--heads", "2",
+            "--ctx", "16", "--batch-size", "8", "--threads", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    _torchrun("-m", "deftly", *args, "--strategy", "fsdp2", "--out", str(tmp_path / "two"), cwd=tmp_path)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert [r["structure"] for r in two["rows"]] == ["dense", "blockdiag"]
+    assert two["config"]["strategy"] == "fsdp2" and two["config"]["world_size"] == 2
+    a = load_checkpoint(tmp_path / "one" / "dense" / "checkpoint.safetensors")
+    b = load_checkpoint(tmp_path / "two" / "dense" / "checkpoint.safetensors")
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=1e-5)
 
 
 def test_strategy_without_torchrun_is_a_clear_error(tmp_path, capsys):

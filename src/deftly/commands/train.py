@@ -38,10 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm = sub.add_parser("charlm", help="character-level GPT on Wikipedia text; val bits/char at equal steps "
                                        "and equal wall-clock")
     lm.add_argument("--structures", type=_structures, default=None,
-                    help="comma-separated structures, or 'all' (default: dense,monarch,lowrank)")
+                    help="comma-separated structures, or 'all' (default: dense,blockdiag,lowrank)")
     lm.add_argument("--fraction", type=float, default=0.25, help="linear-layer parameter budget (default 0.25)")
     lm.add_argument("--layers", type=int, default=4)
-    lm.add_argument("--d", type=int, default=256)
+    lm.add_argument("--dim", "--d", dest="d", type=int, default=256,
+                    help="model width (default 256; use --dim under torchrun, which claims --d)")
     lm.add_argument("--heads", type=int, default=4)
     lm.add_argument("--ctx", type=int, default=128)
     lm.add_argument("--batch-size", type=int, default=16)
@@ -53,10 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm.add_argument("--eval-windows", type=int, default=128)
     lm.add_argument("--text-limit", type=int, default=None, help="use the first N characters of the text")
     lm.add_argument("--no-mup", action="store_true", help="one global learning rate instead of per-factor")
-    lm.add_argument("--max-lr-mult", type=float, default=None,
-                    help="cap the per-factor learning-rate multipliers at this value (e.g. 1: no factor faster "
-                         "than a dense weight; default: no cap)")
+    lm.add_argument("--max-lr-mult", type=_cap, default=1.0,
+                    help="cap on the per-factor learning-rate multipliers of the structured models (default 1: "
+                         "no factor faster than a dense weight; 'none': the measured multipliers uncapped)")
     _common(lm, "runs/charlm")
+
+
+def _cap(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--max-lr-mult {text}: must be a positive number or 'none'")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -128,5 +138,5 @@ def _run_recipe(args: argparse.Namespace, command: str | None) -> dict:
                            eval_windows=args.eval_windows, seed=args.seed, text_limit=args.text_limit,
                            threads=args.threads, mup=not args.no_mup, max_lr_mult=args.max_lr_mult,
                            clock=args.clock)
-        kw = {} if args.strategy == "none" else {"strategy": args.strategy}
-        return run_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command, **kw)
+        return run_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
+                      strategy=args.strategy)

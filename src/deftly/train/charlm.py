@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import distributed as ddist
 from ..data import wikipedia
 from .budget import BudgetError
 from .common import available, budget_linear, forward_flops, linear_stats, median_step_time, seed_everything
 from .loop import TrainConfig, train
-from .mup import param_groups
 from .results import curves_plot, pareto_plot, write_json, write_run
 
 __all__ = ["COLUMNS", "GPT", "CharLMConfig", "run", "val_bits_per_char"]
@@ -43,7 +43,7 @@ LN2 = math.log(2.0)
 
 @dataclass
 class CharLMConfig:
-    structures: tuple[str, ...] = ("dense", "monarch", "lowrank")
+    structures: tuple[str, ...] = ("dense", "blockdiag", "lowrank")
     fraction: float = 0.25
     layers: int = 4
     d: int = 256
@@ -60,7 +60,9 @@ class CharLMConfig:
     text_limit: int | None = None
     threads: int | None = None
     mup: bool = True
-    max_lr_mult: float | None = None  # cap on the per-factor learning-rate multipliers (None: no cap)
+    # cap on the per-factor learning-rate multipliers (None: no cap): the measured ones (4x on 4-block
+    # block-diagonal weights, 3-13x on low-rank U) keep this GPT on the bigram plateau at lr 2e-3
+    max_lr_mult: float | None = 1.0
     clock: str = "wall"  # "process": CPU time of this process, robust on a shared machine
 
     def __post_init__(self) -> None:
@@ -184,28 +186,53 @@ COLUMNS = [("structure", "structure"), ("hparams", "hyperparameters (fc1)"), ("l
            ("val_bpc_equal_time_median", "val bpc @ dense's time (median step)")]
 
 
-def _optimizer(model: GPT, cfg: CharLMConfig) -> torch.optim.Optimizer | None:
-    """AdamW over per-factor rates capped at ``cfg.max_lr_mult``; ``None`` (the loop's default) without a cap."""
-    if not cfg.mup or cfg.max_lr_mult is None:
-        return None
-    groups = param_groups(model, cfg.lr, exclude=(model.head,), max_multiplier=cfg.max_lr_mult)
-    for g in groups:
-        g.pop("names", None)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+def _lr_cap(cfg: CharLMConfig, name: str) -> float | None:
+    """The cap on the per-factor multipliers for ``name``: ``cfg.max_lr_mult`` for the structured models;
+    dense always trains at ``cfg.lr``, the reference."""
+    return None if name == "dense" else cfg.max_lr_mult
 
 
 def _resume_key(cfg: CharLMConfig, name: str, steps: int) -> dict[str, Any]:
-    """What a finished run's ``row.json`` must match to be reused by ``--resume``. A cap >= 1 does not
-    change dense (all its multipliers are 1), nor does ``mup`` (the same rates in one group), so a dense run
-    is reused across both; ``None`` is left out so that runs written before the option existed stay
-    reusable."""
+    """What a finished run's ``row.json`` must match to be reused by ``--resume``. The cap does not apply
+    to dense and ``mup`` does not change it (all its multipliers are 1), so a dense run is reused across
+    both; ``None`` is left out so that runs written before the option existed stay reusable."""
     key = {**asdict(cfg), "structures": None, "threads": None, "steps_run": steps}
     if name == "dense":
         key["mup"] = True
     cap = key.pop("max_lr_mult")
-    if cap is not None and (name != "dense" or cap < 1):
+    if cap is not None and name != "dense":
         key["max_lr_mult"] = cap
     return key
+
+
+def _started_steps(sub: Path, cfg: CharLMConfig, name: str) -> int | None:
+    """Length of an earlier run of the same settings in ``sub``: from its ``row.json`` when it finished, else
+    from its checkpoint; ``None`` if there is none."""
+    done = sub / "row.json"
+    if done.exists():
+        saved = json.loads(done.read_text()).get("key") or {}
+        if "steps_run" in saved and _reusable(saved, _resume_key(cfg, name, int(saved["steps_run"]))):
+            return int(saved["steps_run"])
+    ckpt = sub / "checkpoint.safetensors"
+    if ckpt.exists():
+        from ..checkpoint import load_checkpoint
+
+        steps = load_checkpoint(ckpt).get("config", {}).get("steps")
+        return int(steps) if steps else None
+    return None
+
+
+def _reusable(saved: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    """A finished run is reused when its key matches, or differs only in having run at least as many steps
+    (the learning rate is constant after warm-up, so the first steps are the same run; a re-measured step
+    time that asks for one evaluation interval fewer does not retrain)."""
+    if not saved:
+        return False
+    key = json.loads(json.dumps(key))
+    if saved == key:
+        return True
+    rest = {k: v for k, v in saved.items() if k != "steps_run"}
+    return rest == {k: v for k, v in key.items() if k != "steps_run"} and saved.get("steps_run", -1) >= key["steps_run"]
 
 
 def _model(cfg: CharLMConfig, vocab: int, structure: str) -> GPT:
@@ -214,7 +241,10 @@ def _model(cfg: CharLMConfig, vocab: int, structure: str) -> GPT:
 
 
 def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = False, progress: bool = True,
-        command: str | None = None) -> dict[str, Any]:
+        command: str | None = None, strategy: str = "none") -> dict[str, Any]:
+    """Train dense and every structure of ``cfg``; write the run directory. ``strategy="ddp"|"fsdp2"``: call
+    it in every process of a ``torchrun`` launch; rank 0's step-time benchmark sets every rank's run
+    length, each rank trains on its slice of every batch, rank 0 writes the run directory."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
@@ -248,6 +278,10 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
             t = median_step_time(step, repeats=5, warmup=1, clock=cfg.clock)
             step_time[name] = min(step_time.get(name, math.inf), t)
     models.clear()
+    if ddist.info().distributed:  # every rank must train the same number of steps: rank 0's timings
+        box = [step_time]
+        torch.distributed.broadcast_object_list(box, src=0)
+        step_time = box[0]
 
     rows: list[dict[str, Any]] = []
     dense_time = None
@@ -259,28 +293,35 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
         if name != "dense" and "dense" in step_time:
             ratio = min(max(step_time["dense"] / step_time[name], 1.0), cfg.max_time_ratio)
             steps = int(math.ceil(cfg.steps * ratio / cfg.eval_every) * cfg.eval_every)
+        if resume and name != "dense":  # a resumed run keeps the length it started with (its step-time
+            steps = _started_steps(sub, cfg, name) or steps  # ratio, re-measured now, may round differently)
         tcfg = TrainConfig(steps=steps, lr=cfg.lr, warmup=cfg.warmup, min_lr_ratio=1.0, mup=cfg.mup,
                            eval_every=cfg.eval_every, checkpoint_every=cfg.eval_every, seed=cfg.seed,
-                           progress=progress, label=f"charlm {name}", weight_decay=0.0, clock=cfg.clock)
+                           progress=progress, label=f"charlm {name}", weight_decay=0.0, clock=cfg.clock,
+                           max_lr_mult=_lr_cap(cfg, name) if cfg.mup else None)
         key = _resume_key(cfg, name, steps)
         done = sub / "row.json"
-        if resume and done.exists() and json.loads(done.read_text()).get("key") == json.loads(json.dumps(key)):
+        if resume and done.exists() and _reusable(json.loads(done.read_text()).get("key"), key):
             row = json.loads(done.read_text())["row"]
         else:
             res = train(model, get_batch, lm_loss, tcfg,
                         evaluate=lambda m: {"val_bpc": val_bits_per_char(m, windows)},
-                        checkpoint_path=sub / "checkpoint.safetensors", resume=resume,
-                        optimizer=_optimizer(model, cfg), exclude_from_mup=(model.head,))
+                        checkpoint_path=sub / "checkpoint.safetensors", resume=resume, strategy=strategy,
+                        exclude_from_mup=(model.head,))
             hist = [{**h, "median_time": h["step"] * step_time[name]} for h in res.history]
             row = {"structure": name, **stats, "hparams": model.blocks[0].fc1.hparams(),
                    "linear_params": stats["hidden_params"], "linear_fraction": stats["hidden_fraction"],
                    "flops": forward_flops(model, windows[:1, :-1]) // cfg.ctx, "step_ms": 1000 * step_time[name], "steps": res.step,
                    "train_time": res.train_time, "history": hist,
                    "val_bpc_equal_steps": interpolate_at(hist, "step", cfg.steps)}
-            write_json(done, {"key": key, "row": row})
+            if ddist.is_main():
+                write_json(done, {"key": key, "row": row})
         rows.append(row)
         if name == "dense":
             dense_time = row["train_time"]
+    for r in rows:  # one time base for all rows: this run's interleaved benchmark (also for reused rows)
+        r["step_ms"] = 1000 * step_time[r["structure"]]
+        r["history"] = [{**h, "median_time": h["step"] * step_time[r["structure"]]} for h in r["history"]]
     dense = next((r for r in rows if r["structure"] == "dense"), None)
     for r in rows:
         if dense:
@@ -296,10 +337,20 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
                     + f"; attention and MLP projections at <= {cfg.fraction:.0%} of "
                     f"their dense parameters; {len(train_ids):,} training / {len(val_ids):,} validation "
                     f"characters, vocabulary {len(vocab)}; val loss on {cfg.eval_windows} fixed windows.")
+    for r in rows:
+        last = r["history"][-1] if r["history"] else None
+        if dense and r is not dense and last and r.get("val_bpc_equal_time") is None \
+                and r["train_time"] < dense["train_time"]:
+            notes.append(f"{r['structure']}: its run ended at {r['train_time']:.0f} s, before the "
+                         f"{dense['train_time']:.0f} s dense took, with val {last['val_bpc']:.3f} bits/char"
+                         + (" — already below dense's final " if last["val_bpc"] < dense["history"][-1]["val_bpc"]
+                            else " — dense's final is ") + f"{dense['history'][-1]['val_bpc']:.3f}.")
     notes.append("equal wall-clock: each model's val loss at the training time dense needed for its "
                  f"{cfg.steps} steps — measured time and median step time x steps; time is "
                  + ("wall-clock seconds." if cfg.clock == "wall" else "CPU seconds of this process "
                     "(time.process_time; with 1 thread, the wall-clock time of an otherwise idle core)."))
+    if not ddist.is_main():  # rank 0 writes the run directory
+        return {"rows": rows, "notes": notes, "out_dir": str(out), "dense_time": dense_time}
     plots = []
     if rows:
         plots.append(curves_plot({r["structure"]: ([h["step"] for h in r["history"]],
@@ -314,7 +365,8 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
                                  out / "pareto.png", title="char-LM: val loss at equal steps vs parameters",
                                  xlabel="linear-layer parameters (log scale)", ylabel="val bits/char",
                                  higher_is_better=False))
-    config = {**asdict(cfg), "structures": list(cfg.structures), "vocab": len(vocab),
+    config = {**asdict(cfg), "structures": list(cfg.structures), "vocab": len(vocab), "strategy": strategy,
+              "world_size": ddist.info().world_size,
               "train_chars": len(train_ids), "val_chars": len(val_ids), "wall_time": time.perf_counter() - t_start}
     table = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     write_run(out, recipe="charlm", config=config, rows=table, columns=COLUMNS, notes=notes, plots=plots,
