@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm.add_argument("--batch-size", type=int, default=16)
     lm.add_argument("--steps", type=int, default=600, help="dense steps (structured runs may run longer to "
                                                           "cover dense's wall-clock time)")
-    lm.add_argument("--lr", type=float, default=2e-3)
+    lm.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (default 1e-3)")
     lm.add_argument("--warmup", type=int, default=50)
     lm.add_argument("--eval-every", type=int, default=50)
     lm.add_argument("--eval-windows", type=int, default=128)
