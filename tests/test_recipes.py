@@ -198,6 +198,66 @@ def test_minilm_recipe_end_to_end(tmp_path):
     assert -1 <= projected["cosine"] < 0.999 and 0 <= healed["probe_acc"] <= 1
 
 
+def test_minilm_recipe_options_and_resume_reuses_the_projection(tmp_path, capsys):
+    """Per-kind budgets, layer-wise distillation and length grouping run end to end; --resume reuses the
+    saved projected student (same projected row, no second surgery)."""
+    pytest.importorskip("transformers")
+    _need_wiki()
+    from deftly.train.minilm import MiniLMConfig, run
+
+    try:
+        from deftly.data import minilm, reviews
+
+        minilm.model_path()
+        reviews.corpus_path()
+    except MissingDataError as err:
+        pytest.skip(str(err))
+    cfg = MiniLMConfig(structure="lowrank", budget=0.25, attention_budget=0.2, ffn_budget=0.3, hidden_weight=1.0,
+                       cosine_weight=5.0, group_by_length=True, min_lr_ratio=0.5, max_steps=2, batch_size=4,
+                       max_length=16, eval_sentences=16, calibration_sentences=8, probe_limit=60,
+                       train_sentences=32)
+    run(cfg, tmp_path / "ml", progress=False)
+    first = _check_run_dir(tmp_path / "ml", 3)
+    assert (tmp_path / "ml" / "projected").is_dir()
+    projected = first["rows"][1]
+    # attention 4 x 384^2 at 20%, FFN 2 x 1536 x 384 at 30%: between the two
+    assert 0.2 < projected["linear_fraction"] <= 0.3 and first["rows"][2]["steps"] == 2
+    notes = " ".join(first["notes"])
+    assert "attention linears at <= 20.0%" in notes and "intermediate layers" in notes and "grouped" in notes
+    (tmp_path / "ml" / "student.safetensors").unlink()  # a fresh distillation, reusing the projection
+    run(cfg, tmp_path / "ml", resume=True, progress=True)
+    assert "reusing the projected student" in capsys.readouterr().out
+    again = _check_run_dir(tmp_path / "ml", 3)
+    assert again["rows"][1] == projected and again["rows"][2]["steps"] == 2
+    assert -1 <= again["rows"][2]["cosine"] <= 1
+
+
+def test_minilm_distillation_loss_terms():
+    pytest.importorskip("transformers")
+    from deftly.train.minilm import MiniLMConfig, distillation_loss
+
+    try:
+        from deftly.data import minilm
+        tok, teacher = minilm.load()
+    except MissingDataError as err:
+        pytest.skip(str(err))
+    import copy
+
+    batch = dict(tok(["A short sentence.", "Another, somewhat longer sentence about trains."], padding=True,
+                     return_tensors="pt"))
+    with torch.no_grad():
+        assert float(distillation_loss(teacher, 10.0, 1.0)(teacher, batch)) == pytest.approx(0.0, abs=1e-5)
+        student = copy.deepcopy(teacher)
+        student.encoder.layer[0].output.dense.weight.mul_(0.5)  # an early layer differs
+        last = float(distillation_loss(teacher, 10.0, 0.0)(student, batch))
+        both = float(distillation_loss(teacher, 10.0, 1.0)(student, batch))
+        no_cos = float(distillation_loss(teacher, 0.0, 0.0)(student, batch))
+    assert 0 < no_cos < last < both
+    for bad in ({"hidden_weight": -1.0}, {"attention_budget": 0.0}, {"ffn_budget": 1.5}, {"min_lr_ratio": 2.0}):
+        with pytest.raises(ValueError):
+            MiniLMConfig(**bad)
+
+
 # ------------------------------------------------------------------ commands
 def test_demo_and_report_commands(tmp_path, capsys):
     _need_fashion()

@@ -16,17 +16,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=0.25, help="fraction of the encoder linear parameters "
                                                               "(default 0.25)")
     p.add_argument("--minutes", type=float, default=20.0, help="distillation time limit (default 20)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per distillation step (default 32)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (default 64)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate (default 2e-4)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="the cosine schedule decays the lr to lr x this (default 0.1)")
+    p.add_argument("--cosine-weight", type=float, default=10.0,
+                   help="weight of (1 - cosine of the sentence embeddings) in the distillation loss (default 10)")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of layer-wise matching: mean normalised MSE of every intermediate layer's token "
+                        "states (default 0: last layer only)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch sentences of similar token length together (less padding: more steps per minute)")
+    p.add_argument("--attention-budget", type=float, default=None,
+                   help="budget of the attention linears (query/key/value/output) instead of --budget")
+    p.add_argument("--ffn-budget", type=float, default=None,
+                   help="budget of the FFN linears (intermediate/output) instead of --budget")
     p.add_argument("--max-steps", type=int, default=None, help="cap on distillation steps")
-    p.add_argument("--eval-sentences", type=int, default=500)
+    p.add_argument("--eval-sentences", type=int, default=500,
+                   help="held-out Wikipedia sentences for the cosine (default 500)")
     p.add_argument("--probe-limit", type=int, default=None, help="use the first N snippets of each split")
-    p.add_argument("--out", default="runs/minilm")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue a killed distillation from its checkpoint")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="runs/minilm", help="run directory (default runs/minilm)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sentence split and batches")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse OUT's cached teacher/projected rows and projected student, and continue a killed "
+                        "distillation from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--clock", choices=["wall", "process"], default="wall",
                    help="what --minutes counts: wall-clock, or this process's CPU time (robust on a shared machine)")
 
@@ -41,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = MiniLMConfig(structure=args.structure, budget=args.budget, minutes=args.minutes,
                        batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, max_steps=args.max_steps,
                        eval_sentences=args.eval_sentences, probe_limit=args.probe_limit, seed=args.seed,
-                       threads=args.threads, clock=args.clock)
+                       threads=args.threads, clock=args.clock, min_lr_ratio=args.min_lr_ratio,
+                       cosine_weight=args.cosine_weight, hidden_weight=args.hidden_weight,
+                       group_by_length=args.group_by_length, attention_budget=args.attention_budget,
+                       ffn_budget=args.ffn_budget)
     res = run_ml(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
     print(Path(res["out_dir"], "results.md").read_text())
     return 0
