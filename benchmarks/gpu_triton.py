@@ -111,7 +111,7 @@ def bench(device, n, batches, dtypes, nblocks, log) -> list[dict]:
     run = _timer(device)
     rows = []
     caps = (64, 128)
-    orig_blk = T._blk
+    orig_cap = T.TILE_CAP
     for dtype in dtypes:
         for batch in batches:
             torch.manual_seed(0)
@@ -149,14 +149,14 @@ def bench(device, n, batches, dtypes, nblocks, log) -> list[dict]:
                         if backend == "triton":
                             best, best_cap = float("inf"), None
                             for cap in caps:
-                                T._blk = lambda v, cap=cap: max(16, min(cap, 1 << (max(v, 1) - 1).bit_length()))
+                                T.TILE_CAP = cap
                                 try:
                                     t = run(fn)
                                 except Exception as err:  # a tile too large for shared memory, say
                                     log(f"    triton cap {cap}: {type(err).__name__}: {str(err)[:120]}")
                                     continue
                                 finally:
-                                    T._blk = orig_blk
+                                    T.TILE_CAP = orig_cap
                                 if t < best:
                                     best, best_cap = t, cap
                             t, extra = best, {"tile_cap": best_cap}

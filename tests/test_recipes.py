@@ -42,6 +42,19 @@ def _need_wiki():
         pytest.skip(str(err))
 
 
+def _need_minilm():
+    """transformers, the Wikipedia text, the MiniLM weights and the review snippets, or a skip."""
+    pytest.importorskip("transformers")
+    _need_wiki()
+    from deftly.data import minilm, reviews
+
+    try:
+        minilm.model_path()
+        reviews.corpus_path()
+    except MissingDataError as err:
+        pytest.skip(str(err))
+
+
 # ------------------------------------------------------------------ metrics on known models
 class Constant(nn.Module):
     def __init__(self, cls: int, n: int = 10) -> None:
@@ -177,17 +190,9 @@ def test_charlm_recipe_end_to_end(tmp_path):
 
 
 def test_minilm_recipe_end_to_end(tmp_path):
-    pytest.importorskip("transformers")
-    _need_wiki()
+    _need_minilm()
     from deftly.train.minilm import MiniLMConfig, run
 
-    try:
-        from deftly.data import minilm, reviews
-
-        minilm.model_path()
-        reviews.corpus_path()
-    except MissingDataError as err:
-        pytest.skip(str(err))
     cfg = MiniLMConfig(structure="blockdiag", budget=0.25, max_steps=2, batch_size=4, max_length=16,
                        eval_sentences=16, calibration_sentences=8, probe_limit=60, train_sentences=32)
     run(cfg, tmp_path / "ml", progress=False)
@@ -201,17 +206,9 @@ def test_minilm_recipe_end_to_end(tmp_path):
 def test_minilm_recipe_options_and_resume_reuses_the_projection(tmp_path, capsys):
     """Per-kind budgets, layer-wise distillation and length grouping run end to end; --resume reuses the
     saved projected student (same projected row, no second surgery)."""
-    pytest.importorskip("transformers")
-    _need_wiki()
+    _need_minilm()
     from deftly.train.minilm import MiniLMConfig, run
 
-    try:
-        from deftly.data import minilm, reviews
-
-        minilm.model_path()
-        reviews.corpus_path()
-    except MissingDataError as err:
-        pytest.skip(str(err))
     cfg = MiniLMConfig(structure="lowrank", budget=0.25, attention_budget=0.2, ffn_budget=0.3, hidden_weight=1.0,
                        cosine_weight=5.0, group_by_length=True, min_lr_ratio=0.5, max_steps=2, batch_size=4,
                        max_length=16, eval_sentences=16, calibration_sentences=8, probe_limit=60,

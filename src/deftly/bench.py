@@ -434,12 +434,9 @@ def _cases(cfg: BenchConfig) -> list[tuple[str, str, dict]]:
         out.append((name, "structure", {}))
         if cfg.backends and name in KERNEL_STRUCTURES:
             import deftly.kernels as K
-            from deftly.kernels import dispatch
 
-            for b in K.backends(name):
-                be = dispatch._BACKENDS.get(name, {}).get(b)
-                if be is not None and be.available is not None and not be.available(torch.empty(1, 1)):
-                    continue  # e.g. triton: CUDA only (benchmarks/gpu_triton.py), a forced run would be the default
+            # only what runs on the CPU (triton: benchmarks/gpu_triton.py; forced, it would fall back)
+            for b in K.backends(name, torch.empty(1, 1)):
                 if b != "dense":
                     out.append((f"{name}@{b}", "structure", {"backend": b}))
         if cfg.fft and name == "butterfly":

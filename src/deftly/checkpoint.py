@@ -36,11 +36,12 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or not a deftly checkpoint."""
 
 
-def _safetensors():
+def _safetensors(who: str = "deftly checkpoints"):
+    """``safetensors.torch``, imported lazily; a missing package names ``who`` needs it."""
     try:
         import safetensors.torch as st
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("deftly checkpoints need the 'safetensors' package: pip install safetensors") from None
+        raise ImportError(f"{who} need the 'safetensors' package: pip install safetensors") from None
     return st
 
 

@@ -353,24 +353,29 @@ def _placement_fn(world: int):
     return place
 
 
+def _mixed_dtypes(params: list[tuple[str, Tensor]]) -> str | None:
+    """``"[dtypes] (name: dtype, ...)"`` when ``params`` hold more than one dtype, else ``None``."""
+    dtypes = sorted({str(p.dtype) for _, p in params})
+    if len(dtypes) < 2:
+        return None
+    return f"{dtypes} ({', '.join(f'{n}: {p.dtype}' for n, p in params)})"
+
+
 def _check_fsdp2_groups(model: nn.Module, groups: list[tuple[str, nn.Module]]) -> None:
     """One dtype per FSDP2 group (each structured layer, then the root's remaining parameters)."""
     claimed: set[int] = set()
     for name, layer in groups:
-        params = [(n, p) for n, p in layer.named_parameters()]
+        params = list(layer.named_parameters())
         claimed.update(id(p) for _, p in params)
-        dtypes = sorted({str(p.dtype) for _, p in params})
-        if len(dtypes) > 1:
-            detail = ", ".join(f"{n}: {p.dtype}" for n, p in params)
+        mixed = _mixed_dtypes(params)
+        if mixed:
             raise ValueError(f"wrap_model(strategy='fsdp2'): layer {name or '<root>'} "
-                             f"({type(layer).__name__}) mixes parameter dtypes {dtypes} ({detail}); FSDP2 "
+                             f"({type(layer).__name__}) mixes parameter dtypes {mixed}; FSDP2 "
                              "all-gathers one dtype per layer: cast the layer to one dtype (layer.to(dtype))")
-    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in claimed]
-    dtypes = sorted({str(p.dtype) for _, p in rest})
-    if len(dtypes) > 1:
-        detail = ", ".join(f"{n}: {p.dtype}" for n, p in rest)
+    mixed = _mixed_dtypes([(n, p) for n, p in model.named_parameters() if id(p) not in claimed])
+    if mixed:
         raise ValueError(f"wrap_model(strategy='fsdp2'): the parameters outside structured layers mix dtypes "
-                         f"{dtypes} ({detail}); FSDP2 needs one dtype per group: cast the model to one "
+                         f"{mixed}; FSDP2 needs one dtype per group: cast the model to one "
                          "dtype, or fully_shard those submodules yourself before calling wrap_model")
 
 
@@ -522,12 +527,13 @@ def _raise_together(err: BaseException | None) -> None:
         raise (TypeError if name == "TypeError" else ValueError)(msg)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def full_state_dict(model: nn.Module, *, copy: bool = True) -> dict[str, Tensor]:
     """The model's state dict as a single process would have it, as full CPU tensors, on rank 0
     (``{}`` on other ranks). Collective for a DDP/FSDP2 model: call it on every rank. A plain module is
-    read locally (full on every rank that asks)."""
+    read locally (full on every rank that asks); ``copy=False`` then returns its CPU tensors themselves
+    (for a writer that copies anyway, such as ``save_checkpoint``)."""
     if not _collective(model):
-        return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+        return {k: v.detach().to("cpu", copy=copy) for k, v in unwrap(model).state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -629,14 +635,15 @@ def _optim_to_stored(converted, osd: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, *, copy: bool = True
+                              ) -> dict[str, Any]:
     """The optimizer state as full CPU tensors keyed by parameter name (``{"state": {name: {...}},
     "param_groups": [{..., "params": [names]}]}``), the same in one process and under DDP/FSDP2; on
-    rank 0, ``{}`` on other ranks. Collective."""
+    rank 0, ``{}`` on other ranks. Collective. ``copy=False``: as :func:`full_state_dict`."""
     if not _collective(model):
         names = _param_names(model, optimizer)
         osd = optimizer.state_dict()
-        state = {names[i]: {k: (v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v)
+        state = {names[i]: {k: (v.detach().to("cpu", copy=copy) if isinstance(v, Tensor) else v)
                             for k, v in s.items()} for i, s in osd["state"].items()}
         groups = [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]
         return {"state": state, "param_groups": groups}

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import StructuredLinear
+from .checkpoint import _safetensors
 from .registry import get, make
 
 __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "DeftlyLoadError", "densify", "load", "save"]
@@ -43,14 +44,6 @@ FORMAT_VERSION = 1
 
 class DeftlyLoadError(ValueError):
     """A saved deftly model does not match the model or is damaged; the model was left unchanged."""
-
-
-def _safetensors():
-    try:
-        import safetensors.torch as st
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("deftly.save/load need the 'safetensors' package: pip install safetensors") from None
-    return st
 
 
 def _version() -> str:
@@ -131,7 +124,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     Returns the directory. Files are written atomically (temporary file + rename). No pickle.
     """
-    st = _safetensors()
+    st = _safetensors("deftly.save/load")
     if not isinstance(model, nn.Module):
         raise TypeError(f"deftly.save: model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(directory)
@@ -192,7 +185,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _read_weights(path: Path, cfg: dict[str, Any]) -> dict[str, Tensor]:
-    st = _safetensors()
+    st = _safetensors("deftly.save/load")
     winfo = cfg["weights"]
     wfile = path / winfo.get("file", WEIGHTS_FILE)
     if not wfile.is_file():

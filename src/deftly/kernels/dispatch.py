@@ -102,10 +102,13 @@ def register_backend(structure: str, name: str, fn: Callable[..., Tensor], *, de
         _DEFAULT[structure] = name
 
 
-def backends(structure: str) -> list[str]:
-    """Backend names available for ``structure`` (``native`` and ``dense`` always)."""
+def backends(structure: str, x: Tensor | None = None) -> list[str]:
+    """Backend names registered for ``structure`` (``native`` and ``dense`` always); with an example input
+    ``x``, only those usable for it (e.g. ``"triton"`` needs a CUDA tensor)."""
     _load()
-    return ["native", *(_BACKENDS.get(structure, {})), "dense"]
+    own = [n for n, b in _BACKENDS.get(structure, {}).items()
+           if x is None or b.available is None or b.available(x)]
+    return ["native", *own, "dense"]
 
 
 def set_backend(name: str | None, structure: str | None = None) -> None:

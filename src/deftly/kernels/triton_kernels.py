@@ -79,8 +79,12 @@ def _kernels():
     return triton, bmm_kernel
 
 
+#: the largest tile side (BLOCK_M/N/K) of a launch; benchmarks/gpu_triton.py tries 64 and 128
+TILE_CAP = 64
+
+
 def _blk(v: int) -> int:
-    return max(16, min(64, 1 << (max(v, 1) - 1).bit_length()))
+    return max(16, min(TILE_CAP, 1 << (max(v, 1) - 1).bit_length()))
 
 
 def bmm_strided(a: tuple, b: tuple, c: tuple, nbatch: int, M: int, N: int, K: int, rk: int = 1, rn: int = 1

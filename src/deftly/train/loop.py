@@ -325,8 +325,10 @@ def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[
     def save() -> None:
         if ckpt is None:
             return
-        sd = ddist.full_state_dict(run_model)  # collective under DDP/FSDP2; full tensors on rank 0
-        osd = ddist.full_optimizer_state_dict(run_model, optimizer)  # keyed by parameter name
+        # collective under DDP/FSDP2 (full tensors on rank 0); no extra copy in one process:
+        # save_checkpoint copies every tensor itself
+        sd = ddist.full_state_dict(run_model, copy=False)
+        osd = ddist.full_optimizer_state_dict(run_model, optimizer, copy=False)  # keyed by parameter name
         if main:
             save_checkpoint(ckpt, {"model": sd, "optimizer": osd, "rng": rng_state(), "step": step,
                                    "train_time": train_time, "history": history, "losses": losses,
