@@ -6,7 +6,7 @@
 
 Every rank reads the same data and takes its slice of each global batch (``local_slice``), so N ranks
 compute exactly the updates of one process with the global batch. At the end the full model and
-optimizer state are gathered on rank 0 and written with ``deftly.checkpoint.save_checkpoint`` — the file
+optimizer state are gathered on rank 0 and written with ``deftly.io.checkpoint.save_checkpoint`` — the file
 loads in a single process (``--verify`` does that and re-measures the test accuracy there).
 Needs the Debian package ``dataset-fashion-mnist`` (``deftly.data.fashion_mnist``).
 """
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {"model": ddist.full_state_dict(model), "optimizer": ddist.full_optimizer_state_dict(model, opt),
              "structure": args.structure, "hidden": args.hidden, "step": args.steps}
     if info.is_main:
-        from deftly.checkpoint import load_checkpoint, save_checkpoint
+        from deftly.io.checkpoint import load_checkpoint, save_checkpoint
 
         print(f"test accuracy ({len(x_test) - len(x_test) % info.world_size} images): {acc:.4f}", flush=True)
         path = save_checkpoint(args.checkpoint, state)

@@ -10,7 +10,7 @@ from torch import nn
 
 import deftly
 from deftly import StructureConfig, adapt
-from deftly.adapters import StructuredAdapter, learned_dense, zero_delta_init_
+from deftly.surgery.adapters import StructuredAdapter, learned_dense, zero_delta_init_
 
 
 def mlp(seed=0):

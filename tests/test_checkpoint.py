@@ -1,4 +1,4 @@
-"""deftly.checkpoint: round trips, atomic writes, corrupt files, and kill-and-resume of a real training run."""
+"""deftly.io.checkpoint: round trips, atomic writes, corrupt files, and kill-and-resume of a real training run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from deftly.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from deftly.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 safetensors = pytest.importorskip("safetensors")
 
@@ -122,7 +122,7 @@ SCRIPT = textwrap.dedent("""
     import deftly
     from deftly.data import fashion_mnist
     from deftly.train.loop import TrainConfig, epoch_batches, train
-    from deftly.checkpoint import save_checkpoint
+    from deftly.io.checkpoint import save_checkpoint
     ckpt, out, resume, delay = sys.argv[1], sys.argv[2], sys.argv[3] == "1", float(sys.argv[4])
     x, y = fashion_mnist.tensors("train", limit=512)
     torch.manual_seed(0)

@@ -171,7 +171,7 @@ def test_minilm_missing_names_the_package(monkeypatch):
 
 def test_import_deftly_stays_light():
     code = ("import sys, deftly, deftly.data, deftly.train, deftly.commands.train, deftly.commands.demo, "
-            "deftly.commands.compress, deftly.commands.report, deftly.checkpoint; "
+            "deftly.commands.compress, deftly.commands.report, deftly.io.checkpoint; "
             "print(sorted(m for m in ('transformers', 'matplotlib', 'gensim', 'scattertext', 'sklearn') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -36,7 +36,7 @@ from torch import nn
 
 import deftly
 from deftly import distributed as ddist
-from deftly.base import StructuredLinear, init_uniform_
+from deftly.core.base import StructuredLinear, init_uniform_
 
 IN, HID, OUT = 12, 20, 6
 GLOBAL_BATCH = 8
@@ -49,13 +49,13 @@ WORKER_TIMEOUT_S = 240
 
 # --------------------------------------------------------------------------- checkpoint I/O
 def save(path, state):
-    from deftly.checkpoint import save_checkpoint
+    from deftly.io.checkpoint import save_checkpoint
 
     save_checkpoint(path, state)
 
 
 def load(path):
-    from deftly.checkpoint import load_checkpoint
+    from deftly.io.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 

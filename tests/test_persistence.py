@@ -12,7 +12,7 @@ from torch import nn
 
 import deftly
 from deftly import StructureConfig, adapt, densify, load, save, structurize
-from deftly.persist import CONFIG_FILE, WEIGHTS_FILE, DeftlyLoadError
+from deftly.io.persist import CONFIG_FILE, WEIGHTS_FILE, DeftlyLoadError
 
 pytest.importorskip("safetensors")
 
@@ -236,8 +236,8 @@ def test_densify(saved):
 
 def test_import_stays_light():
     code = ("import sys, deftly; deftly.structures(); "
-            "print(sorted(m for m in ('transformers', 'safetensors', 'deftly.surgery', 'deftly.persist') "
-            "if m in sys.modules)); deftly.save; print('deftly.persist' in sys.modules)")
+            "print(sorted(m for m in ('transformers', 'safetensors', 'deftly.surgery', 'deftly.io.persist') "
+            "if m in sys.modules)); deftly.save; print('deftly.io.persist' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]", out
     assert out[1] == "True"

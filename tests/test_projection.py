@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import deftly
-from deftly.projection import Calibration, low_rank_factors, project_layer_, relative_error
-from deftly.surgery import choose_hparams, dense_count
+from deftly.core.linalg import low_rank_factors
+from deftly.core.projection import Calibration, project_layer_, relative_error
+from deftly.surgery.structurize import choose_hparams, dense_count
 
 CLOSED = ["dense", "lowrank", "blockdiag", "monarch", "lrbd"]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deftly
-from deftly.projection import Calibration, relative_error
+from deftly.core.projection import Calibration, relative_error
 
 NAMES = ["banded", "blocktridiag", "kronecker", "btt"]
 SHAPES = [(16, 16), (12, 20), (20, 12), (13, 7)]

@@ -215,7 +215,7 @@ def test_train_learns_evaluates_and_checkpoints(tmp_path):
     assert [h["step"] for h in res.history] == [20, 40, 60]
     assert res.history[-1]["acc"] > 0.9
     assert all(h["train_time"] > 0 for h in res.history)
-    from deftly.checkpoint import load_checkpoint
+    from deftly.io.checkpoint import load_checkpoint
 
     state = load_checkpoint(tmp_path / "c.safetensors")
     assert state["step"] == 60 and state["config"]["lr"] == 1e-2

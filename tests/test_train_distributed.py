@@ -107,7 +107,7 @@ def single(tmp_path_factory):
         _data()
     except (FileNotFoundError, ImportError) as err:  # pragma: no cover - the set-up installs it
         pytest.skip(str(err))
-    from deftly.checkpoint import load_checkpoint
+    from deftly.io.checkpoint import load_checkpoint
 
     path = tmp_path_factory.mktemp("single") / "run.ckpt"
     _train(path, "none", None, False)
@@ -127,7 +127,7 @@ def _assert_same_run(got: dict, want: dict) -> None:
 
 
 def test_ddp_checkpoint_resumes_in_one_process(single, tmp_path):
-    from deftly.checkpoint import load_checkpoint
+    from deftly.io.checkpoint import load_checkpoint
 
     path = tmp_path / "run.ckpt"
     _torchrun(__file__, "ddp", str(path), str(STOP_AFTER), "fresh")
@@ -139,7 +139,7 @@ def test_ddp_checkpoint_resumes_in_one_process(single, tmp_path):
 
 
 def test_single_process_checkpoint_resumes_under_fsdp2(single, tmp_path):
-    from deftly.checkpoint import load_checkpoint
+    from deftly.io.checkpoint import load_checkpoint
 
     path = tmp_path / "run.ckpt"
     _train(path, "none", STOP_AFTER, False)
@@ -154,7 +154,7 @@ def test_cli_recipe_under_torchrun_equals_one_process(tmp_path):
         _data()
     except (FileNotFoundError, ImportError) as err:  # pragma: no cover
         pytest.skip(str(err))
-    from deftly.checkpoint import load_checkpoint
+    from deftly.io.checkpoint import load_checkpoint
     from deftly.cli import main
 
     args = ["train", "fashion-mnist", "--structures", "dense,monarch", "--train-limit", "512", "--test-limit",
@@ -181,7 +181,7 @@ def test_charlm_recipe_under_torchrun(tmp_path):
         wikipedia.char_splits(limit=30_000)
     except (FileNotFoundError, ImportError) as err:  # pragma: no cover - the set-up installs gensim
         pytest.skip(str(err))
-    from deftly.checkpoint import load_checkpoint
+    from deftly.io.checkpoint import load_checkpoint
     from deftly.cli import main
 
     args = ["train", "charlm", "--structures", "dense,blockdiag", "--steps", "4", "--eval-every", "2",

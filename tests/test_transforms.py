@@ -350,7 +350,7 @@ def test_errors_name_the_bad_value(call, pattern):
 
 
 def test_imports_stay_light():
-    code = ("import sys, deftly, deftly.transforms, deftly.dual; "
+    code = ("import sys, deftly, deftly.transforms, deftly.transforms.dual; "
             "bad = [m for m in ('scipy', 'matplotlib') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

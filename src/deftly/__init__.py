@@ -11,8 +11,8 @@ Model-level tools are imported on first use (``import deftly`` stays light): ``d
 ``deftly.densify``.
 """
 
-from .base import StructuredLinear
-from .registry import get, make, register, structures
+from .core.base import StructuredLinear
+from .core.registry import get, make, register, structures
 
 __all__ = [
     "StructureConfig",
@@ -29,21 +29,36 @@ __all__ = [
     "structures",
     "structurize",
 ]
-__version__ = "0.1.0"
+from ._version import __version__
 
 # name -> (module, attribute), imported on first access (PEP 562)
 _LAZY = {
-    "project": ("deftly.projection", "project"),
-    "structurize": ("deftly.surgery", "structurize"),
-    "StructureConfig": ("deftly.surgery", "StructureConfig"),
-    "adapt": ("deftly.adapters", "adapt"),
-    "save": ("deftly.persist", "save"),
-    "load": ("deftly.persist", "load"),
-    "densify": ("deftly.persist", "densify"),
+    "project": ("deftly.surgery.project", "project"),
+    "structurize": ("deftly.surgery.structurize", "structurize"),
+    "StructureConfig": ("deftly.surgery.config", "StructureConfig"),
+    "adapt": ("deftly.surgery.adapters", "adapt"),
+    "save": ("deftly.io.persist", "save"),
+    "load": ("deftly.io.persist", "load"),
+    "densify": ("deftly.io.persist", "densify"),
     "param_groups": ("deftly.train.mup", "param_groups"),
 }
-# subpackages reachable as attributes (``deftly.transforms.dft``) without importing them up front
-_SUBMODULES = {"transforms", "dual", "kernels", "distributed", "data", "train", "projection", "surgery"}
+# subpackages reachable as attributes (``deftly.transforms.dft``) without importing them up front; the
+# right-hand side is the module (``deftly.dual`` and ``deftly.projection`` keep their former names)
+_SUBMODULES = {
+    "core": "deftly.core",
+    "layers": "deftly.layers",
+    "transforms": "deftly.transforms",
+    "dual": "deftly.transforms.dual",
+    "kernels": "deftly.kernels",
+    "mixers": "deftly.mixers",
+    "surgery": "deftly.surgery",
+    "projection": "deftly.core.projection",
+    "io": "deftly.io",
+    "distributed": "deftly.distributed",
+    "data": "deftly.data",
+    "train": "deftly.train",
+    "bench": "deftly.bench",
+}
 
 
 def __getattr__(name: str):
@@ -57,7 +72,7 @@ def __getattr__(name: str):
     if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(f"deftly.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module 'deftly' has no attribute {name!r}")
 
 

@@ -15,7 +15,7 @@
 >>> layer.kernel_backend = "kernel"               # force for one layer
 """
 
-from . import _pool
+from . import _pool, _register  # noqa: F401  (_register: the built-in kernels register themselves)
 from .dispatch import (
     backends,
     choose,

@@ -221,13 +221,9 @@ def _dense_matmul(layer, x: Tensor, native=None) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ choice
-_LOADED: list[bool] = []
-
-
 def _load() -> None:
-    if not _LOADED:
-        from . import _register  # noqa: F401  (registers the built-in kernels)
-        _LOADED.append(True)
+    """The built-in kernels register themselves when :mod:`deftly.kernels` is imported (its
+    ``__init__`` imports ``_register`` after this module), which any import of this module triggers."""
 
 
 def _bucket(batch: int) -> int:

@@ -35,9 +35,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..base import StructuredLinear, check_int, init_uniform_
-from ..projection import set_param_
-from ..registry import register
+from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core.linalg import set_param_
+from ..core.registry import register
 
 # diagonals per unfold chunk: bounds the (out, batch, _CHUNK) operand bmm may copy
 _CHUNK = 32

@@ -1,7 +1,7 @@
 """``blockdiag``: block-diagonal weight with ``nblocks`` rectangular blocks, as one batched matmul.
 
 Any sizes: ``in`` and ``out`` are each split into ``nblocks`` contiguous blocks whose sizes differ by at
-most one (:class:`deftly.partition.Partition`); short blocks are zero-padded inside the layer.
+most one (:class:`deftly.core.partition.Partition`); short blocks are zero-padded inside the layer.
 This is also the block-diagonal factor of Monarch (Dao et al., ICML 2022).
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..base import StructuredLinear, check_int, init_uniform_
-from ..partition import Partition, ceil_div
-from ..projection import fixed_support_operator, fixed_support_solve, set_param_
-from ..registry import register
+from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core.partition import Partition, ceil_div
+from ..core.linalg import fixed_support_operator, fixed_support_solve, set_param_
+from ..core.registry import register
 
 
 def blockdiag_multiply(x: Tensor, weight: Tensor) -> Tensor:

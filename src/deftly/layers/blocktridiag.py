@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..base import StructuredLinear, check_int, init_uniform_
-from ..partition import ceil_div
-from ..projection import set_param_
-from ..registry import register
+from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core.partition import ceil_div
+from ..core.linalg import set_param_
+from ..core.registry import register
 from .banded import gram_solve, unit_dead_slots
 
 # entries of the (block-rows, 3*block, 3*block) Gram blocks built at once by the activation-aware projection

@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..base import StructuredLinear, check_int, init_uniform_
-from ..partition import balanced_factors
-from ..projection import low_rank_factors, set_param_
-from ..registry import register
+from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core.partition import balanced_factors
+from ..core.linalg import low_rank_factors, set_param_
+from ..core.registry import register
 from .dense import output_variance_scale
 from .kronecker import check_factors
 

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..base import StructuredLinear, check_int, init_uniform_
-from ..registry import register
+from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core.registry import register
 
 __all__ = [
     "Butterfly",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..base import StructuredLinear, init_uniform_
-from ..projection import set_param_
-from ..registry import register
+from ..core.base import StructuredLinear, init_uniform_
+from ..core.linalg import set_param_
+from ..core.registry import register
 
 
 @register

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..base import StructuredLinear, check_int, init_uniform_
-from ..projection import low_rank_factors, set_param_
-from ..registry import register
+from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core.linalg import low_rank_factors, set_param_
+from ..core.registry import register
 from .dense import output_variance_scale
 
 

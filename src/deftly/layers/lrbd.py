@@ -21,10 +21,10 @@ import math
 import torch
 from torch import Tensor
 
-from ..base import StructuredLinear
-from ..partition import _divisors
-from ..projection import cov_sqrt, low_rank_factors, set_param_
-from ..registry import register
+from ..core.base import StructuredLinear
+from ..core.partition import _divisors
+from ..core.linalg import cov_sqrt, low_rank_factors, set_param_
+from ..core.registry import register
 from .blockdiag import BlockDiagonal
 from .lowrank import LowRank
 

@@ -23,10 +23,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..base import StructuredLinear, check_int, init_uniform_
-from ..partition import Partition, _divisors, balanced_factors, ceil_div
-from ..projection import low_rank_factors, set_param_
-from ..registry import register
+from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core.partition import Partition, _divisors, balanced_factors, ceil_div
+from ..core.linalg import low_rank_factors, set_param_
+from ..core.registry import register
 from .dense import output_variance_scale
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .. import registry
+from ..core import registry
 
 __all__ = ["BudgetError", "fit_budget"]
 

@@ -215,7 +215,7 @@ def _started_steps(sub: Path, cfg: CharLMConfig, name: str) -> int | None:
             return int(saved["steps_run"])
     ckpt = sub / "checkpoint.safetensors"
     if ckpt.exists():
-        from ..checkpoint import load_checkpoint
+        from ..io.checkpoint import load_checkpoint
 
         steps = load_checkpoint(ckpt).get("config", {}).get("steps")
         return int(steps) if steps else None

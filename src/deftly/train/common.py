@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import registry
-from ..base import StructuredLinear
+from ..core import registry
+from ..core.base import StructuredLinear
 from .budget import fit_budget
 
 __all__ = ["available", "budget_linear", "forward_flops", "linear_stats", "median_step_time", "seed_everything"]

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .. import distributed as ddist
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..io.checkpoint import load_checkpoint, save_checkpoint
 from .mup import param_groups, set_lr
 
 __all__ = ["Progress", "TrainConfig", "TrainResult", "epoch_batches", "rng_state", "set_rng_state", "train"]
@@ -212,7 +212,7 @@ def _rebind(groups: list[dict[str, Any]], run_model: nn.Module) -> list[dict[str
     """Point ``groups`` (built on the plain model, with ``names``) at the wrapped model's parameters:
     FSDP2 replaces every parameter by a sharded one and stores a complex one as (real, imag)."""
     params = dict(ddist.unwrap(run_model).named_parameters())
-    conv = ddist._converted(run_model)
+    conv = ddist.converted_params(run_model)
     out = []
     for g in groups:
         names = [s for n in g["names"] for s in (conv[n][1] if n in conv else [n])]
@@ -247,7 +247,7 @@ def _load_state(state: dict[str, Any], ckpt: Path, model: nn.Module, run_model: 
             raise ValueError(f"{src}: optimizer state does not match this model's optimizer: {err}") from None
         model.load_state_dict(state["model"])
         return
-    ddist._check_optim_state(run_model, optimizer, osd, src)
+    ddist.check_optimizer_state(run_model, optimizer, osd, src)
     ddist.load_full_state_dict(run_model, state["model"], source=src)
     ddist.load_full_optimizer_state_dict(run_model, optimizer, osd, source=src)
 

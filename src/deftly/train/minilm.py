@@ -193,9 +193,9 @@ COLUMNS = [("stage", "model"), ("structure", "structure"), ("linear_params", "en
 
 def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = False, progress: bool = True,
         command: str | None = None) -> dict[str, Any]:
-    from deftly.persist import load as load_structured
-    from deftly.persist import save as save_structured
-    from deftly.surgery import StructureConfig, structurize
+    from deftly.io.persist import load as load_structured
+    from deftly.io.persist import save as save_structured
+    from deftly.surgery.structurize import StructureConfig, structurize
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

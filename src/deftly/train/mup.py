@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..base import StructuredLinear
+from ..core.base import StructuredLinear
 
 __all__ = ["factor_moves", "lr_multipliers", "param_groups", "set_lr"]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import atomic_write_bytes
+from ..io.files import atomic_write_bytes
 
 __all__ = [
     "curves_plot",

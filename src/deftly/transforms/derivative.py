@@ -93,7 +93,7 @@ def derivative(n: int, method: str = "spectral", length: float = 2 * math.pi, *,
     (banded central differences with periodic corners; ``order`` 1 or 2). Real ``(*, n) -> (*, n)``;
     ``dtype`` float64 (default) or float32.
     """
-    from ..base import check_int
+    from ..core.base import check_int
 
     n = _check_n("derivative", n)
     if method not in METHODS:

@@ -56,7 +56,7 @@ def smallest_prime_factor(n: int) -> int:
 
 
 def _check_n(owner: str, n) -> int:
-    from ..base import check_int
+    from ..core.base import check_int
 
     return check_int(owner, "n", n, fix="n is the transform length; use n >= 1.")
 

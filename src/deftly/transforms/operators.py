@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..base import StructuredLinear
+from ..core.base import StructuredLinear
 from ..layers.butterfly import bit_reversal, radix2_twiddles, stage_positions
 
 __all__ = [

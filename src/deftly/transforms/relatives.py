@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..base import StructuredLinear, check_int, init_uniform_
+from ..core.base import StructuredLinear, check_int, init_uniform_
 from ..layers.butterfly import makhoul_order
 from .dft import _check_n, dft_plan
 from .operators import Compose, Diagonal, Gather, Operator, RealPart, ToComplex

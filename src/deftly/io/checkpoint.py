@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .files import atomic_write_bytes, safetensors_torch
+
 __all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "deftly-checkpoint/1"
@@ -34,15 +36,6 @@ _FLOAT = "__float__"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or not a deftly checkpoint."""
-
-
-def _safetensors(who: str = "deftly checkpoints"):
-    """``safetensors.torch``, imported lazily; a missing package names ``who`` needs it."""
-    try:
-        import safetensors.torch as st
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError(f"{who} need the 'safetensors' package: pip install safetensors") from None
-    return st
 
 
 def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -119,13 +112,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """Write ``state`` to ``path`` atomically (temp file + fsync + ``os.replace``); returns the path."""
     if not isinstance(state, dict):
         raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
-    from .data import atomic_write_bytes
 
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, "", tensors)
     meta = {"format": FORMAT, "structure": json.dumps(structure, allow_nan=False),
             "sha256": _digest(tensors)}
-    blob = _safetensors().save(tensors, metadata=meta)
+    blob = safetensors_torch().save(tensors, metadata=meta)
     path = Path(path)
     atomic_write_bytes(path, blob)
     return path
@@ -166,7 +158,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     raw = path.read_bytes()
     meta = _read_header(raw, where)
     try:
-        tensors = _safetensors().load(raw)
+        tensors = safetensors_torch().load(raw)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{where}: tensor data is unreadable ({err}); the file is corrupt") from None
     if _digest(tensors) != meta.get("sha256"):

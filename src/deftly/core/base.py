@@ -1,7 +1,7 @@
 """The base class of every structured layer: a drop-in replacement for ``nn.Linear``.
 
 A structure subclasses :class:`StructuredLinear`, sets a ``name``, registers itself with
-:func:`deftly.registry.register`, and implements five things that live together in its module:
+:func:`deftly.core.registry.register`, and implements five things that live together in its module:
 
 * ``_matmul(x)``            fast multiply, ``(batch, in_features) -> (batch, out_features)``, no bias;
 * ``_reference_matmul(x)``  a slow, obviously-correct multiply (explicit loops over blocks/factors);
@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from .projection import project_layer_
 
 __all__ = ["StructuredLinear", "check_int", "init_uniform_"]
 
@@ -152,7 +154,7 @@ class StructuredLinear(nn.Module):
         Returns True when the result minimises the requested objective as well as deftly knows (no
         gradient refinement follows), False when it is only a starting point (deftly then refines it by
         L-BFGS on that objective). Raise ``NotImplementedError`` (the default) when the structure has no
-        closed form: :meth:`project_` then fits it by L-BFGS (:func:`deftly.projection.fit_`).
+        closed form: :meth:`project_` then fits it by L-BFGS (:func:`deftly.core.projection.fit_`).
         """
         raise NotImplementedError
 
@@ -163,14 +165,12 @@ class StructuredLinear(nn.Module):
 
         ``weight`` is ``(out_features, in_features)`` as in ``nn.Linear``; ``bias`` is copied (``None``
         zeroes the layer's bias). Without ``calibration`` the error is ``||W - S||_F / ||W||_F``; with
-        calibration inputs ``X: (n_samples, in_features)`` (or a :class:`deftly.projection.Calibration`) the
+        calibration inputs ``X: (n_samples, in_features)`` (or a :class:`deftly.core.projection.Calibration`) the
         projection minimises, and the error is, the relative output error ``||(W - S) X^T||_F /
         ||W X^T||_F``. Uses the structure's closed form (``_project_closed_form``) when it has one and
         a deterministic L-BFGS fit otherwise (``method="auto"``; or force ``"closed"`` / ``"fit"``;
-        ``steps``: L-BFGS iterations; ``seed``: the fit's starting init). See :mod:`deftly.projection`.
+        ``steps``: L-BFGS iterations; ``seed``: the fit's starting init). See :mod:`deftly.core.projection`.
         """
-        from .projection import project_layer_
-
         return project_layer_(self, weight, bias, calibration=calibration, method=method, steps=steps,
                               seed=seed).error
 

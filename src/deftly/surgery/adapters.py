@@ -21,22 +21,13 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from .base import StructuredLinear
-from .registry import make
-from .surgery import (
-    LayerReport,
-    StructureConfig,
-    SurgeryReport,
-    _is_conv1d,
-    _model_params,
-    _shape,
-    choose_hparams,
-    dense_count,
-    dense_weight,
-    plan,
-    set_module,
-    structured_modules,
-)
+from ..core.base import StructuredLinear
+from ..core.registry import make
+from .budget import choose_hparams, dense_count
+from .config import StructureConfig
+from .modules import dense_weight, is_conv1d, model_params, set_module, linear_shape, structured_modules
+from .report import LayerReport, SurgeryReport
+from .structurize import plan
 
 __all__ = [
     "Adapters",
@@ -109,10 +100,13 @@ class StructuredAdapter(nn.Module):
     structure.
     """
 
+    #: surgery treats adapters like structured layers: never a candidate for more surgery
+    is_deftly_adapter = True
+
     def __init__(self, base: nn.Module, delta: StructuredLinear, scale: float = 1.0, *,
                  anchor: StructuredLinear | None = None, freeze_base: bool = True) -> None:
         super().__init__()
-        in_f, out_f = _shape(base)
+        in_f, out_f = linear_shape(base)
         if (delta.in_features, delta.out_features) != (in_f, out_f):
             raise ValueError(f"StructuredAdapter: delta is {delta.in_features}->{delta.out_features} but the "
                              f"base layer is {in_f}->{out_f}")
@@ -145,7 +139,7 @@ class StructuredAdapter(nn.Module):
     @property
     def transposed(self) -> bool:
         """The base is a Hugging Face ``Conv1D`` (weight stored ``(in, out)``)."""
-        return _is_conv1d(self.base)
+        return is_conv1d(self.base)
 
     def delta_weight(self) -> Tensor:
         """``scale * delta`` as a dense ``(out, in)`` matrix (learned part only, minus the anchor)."""
@@ -274,11 +268,11 @@ def adapt(model: nn.Module, config: StructureConfig, *, scale: float = 1.0, zero
     only the wrapped base layers). Returns an :class:`Adapters` handle.
     """
     plans = plan(model, config)
-    before = _model_params(model)
+    before = model_params(model)
     built: list[tuple[str, StructuredAdapter]] = []
     rows = []
     for i, p in enumerate(plans):
-        in_f, out_f = _shape(p.module)
+        in_f, out_f = linear_shape(p.module)
         hp = choose_hparams(p.structure, in_f, out_f, p.budget, kind=config.budget_kind, bias=False,
                             fixed=p.fixed, where=f"layer {p.name!r} ({out_f} x {in_f})")[0]
         w = dense_weight(p.module)
@@ -298,7 +292,7 @@ def adapt(model: nn.Module, config: StructureConfig, *, scale: float = 1.0, zero
         built.append((p.name, adapter))
         bias = getattr(p.module, "bias", None) is not None
         rows.append(LayerReport(
-            name=p.name, kind="Conv1D" if _is_conv1d(p.module) else type(p.module).__name__, in_features=in_f,
+            name=p.name, kind="Conv1D" if is_conv1d(p.module) else type(p.module).__name__, in_features=in_f,
             out_features=out_f, structure=p.structure, hparams=delta.hparams(),
             params_before=dense_count(in_f, out_f, "params", bias),
             params_after=dense_count(in_f, out_f, "params", bias) + delta.num_params(),
@@ -314,7 +308,7 @@ def adapt(model: nn.Module, config: StructureConfig, *, scale: float = 1.0, zero
         for prm in adapter.delta.parameters():
             prm.requires_grad_(True)
     trainable = sum(prm.numel() for prm in model.parameters() if prm.requires_grad)
-    report = SurgeryReport(rows, before, _model_params(model), structure=config.structure,
+    report = SurgeryReport(rows, before, model_params(model), structure=config.structure,
                            budget=config.budget, budget_kind=config.budget_kind, action="adapt",
                            trainable_params=trainable)
     return Adapters(model, [n for n, _ in built], report)

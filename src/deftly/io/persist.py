@@ -21,7 +21,6 @@ weight, and every adapter into its merged base layer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import StructuredLinear
-from .checkpoint import _safetensors
-from .registry import get, make
+from ..core.base import StructuredLinear
+from ..core.registry import get, make
+from .files import safetensors_torch, sha256_file
 
 __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "DeftlyLoadError", "densify", "load", "save"]
 
@@ -47,21 +46,13 @@ class DeftlyLoadError(ValueError):
 
 
 def _version() -> str:
-    from . import __version__
+    from .._version import __version__
 
     return __version__
 
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _jsonable(v: Any) -> Any:
@@ -99,8 +90,8 @@ def _atomic_write(path: Path, write) -> None:
 
 # ---------------------------------------------------------------------------------------------- save
 def _entries(model: nn.Module) -> list[dict[str, Any]]:
-    from .adapters import StructuredAdapter
-    from .surgery import _is_conv1d, structured_modules
+    from ..surgery.adapters import StructuredAdapter
+    from ..surgery.modules import is_conv1d, structured_modules
 
     out = []
     for name, mod in structured_modules(model):
@@ -108,7 +99,7 @@ def _entries(model: nn.Module) -> list[dict[str, Any]]:
             d = mod.delta
             out.append({"name": name, "kind": "adapter", "structure": d.name, "hparams": _jsonable(d.hparams()),
                         "in_features": d.in_features, "out_features": d.out_features,
-                        "base": "Conv1D" if _is_conv1d(mod.base) else type(mod.base).__name__,
+                        "base": "Conv1D" if is_conv1d(mod.base) else type(mod.base).__name__,
                         "scale": mod.scale, "merged": mod.merged, "anchored": mod.anchor is not None,
                         "dtype": _dtype_name(d.weight_dtype)})
         else:
@@ -124,7 +115,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     Returns the directory. Files are written atomically (temporary file + rename). No pickle.
     """
-    st = _safetensors("deftly.save/load")
+    st = safetensors_torch("deftly.save/load")
     if not isinstance(model, nn.Module):
         raise TypeError(f"deftly.save: model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(directory)
@@ -151,7 +142,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     _atomic_write(weights, lambda p: st.save_file(tensors, str(p), metadata={"format": FORMAT}))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "deftly_version": _version(),
               "torch_version": torch.__version__, "model_class": type(model).__name__, "layers": entries,
-              "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": _sha256(weights),
+              "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_file(weights),
                           "tensors": len(tensors), "aliases": aliases}}
     _atomic_write(path / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return path
@@ -185,7 +176,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _read_weights(path: Path, cfg: dict[str, Any]) -> dict[str, Tensor]:
-    st = _safetensors("deftly.save/load")
+    st = safetensors_torch("deftly.save/load")
     winfo = cfg["weights"]
     wfile = path / winfo.get("file", WEIGHTS_FILE)
     if not wfile.is_file():
@@ -197,7 +188,7 @@ def _read_weights(path: Path, cfg: dict[str, Any]) -> dict[str, Tensor]:
                               f"{winfo['bytes']} bytes (recorded in {CONFIG_FILE}); the copy is incomplete or "
                               f"the files come from different saves")
     if "sha256" in winfo:
-        digest = _sha256(wfile)
+        digest = sha256_file(wfile)
         if digest != winfo["sha256"]:
             raise DeftlyLoadError(f"deftly.load: weights file {wfile} is corrupt: SHA-256 {digest[:16]}... but "
                                   f"{CONFIG_FILE} records {winfo['sha256'][:16]}...; save the model again")
@@ -216,8 +207,8 @@ def _read_weights(path: Path, cfg: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def _build_entry(model: nn.Module, entry: Any, i: int, cfg_file: Path) -> tuple[str, nn.Module]:
-    from .adapters import StructuredAdapter
-    from .surgery import _shape, is_linear_like, linear_modules
+    from ..surgery.adapters import StructuredAdapter
+    from ..surgery.modules import is_linear_like, linear_modules, linear_shape
 
     where = f"{cfg_file}: layers[{i}]"
     if not isinstance(entry, dict):
@@ -250,7 +241,7 @@ def _build_entry(model: nn.Module, entry: Any, i: int, cfg_file: Path) -> tuple[
     if isinstance(current, StructuredLinear):
         found = (current.in_features, current.out_features)
     elif is_linear_like(current):
-        found = _shape(current)
+        found = linear_shape(current)
     else:
         raise DeftlyLoadError(f"deftly.load: {where}: the model's module {name!r} is a {type(current).__name__}, "
                               f"expected a linear layer ({in_f} -> {out_f})")
@@ -334,8 +325,8 @@ def load(model: nn.Module, directory: str | os.PathLike, *, strict: bool = True)
                                   f"model expects {t.dtype} (from {cfg_file}); cast the model first "
                                   f"(model.to({tensors[key].dtype})) if that is what you want")
     # all checks passed: swap the modules and load
-    from .adapters import StructuredAdapter
-    from .surgery import set_module
+    from ..surgery.adapters import StructuredAdapter
+    from ..surgery.modules import set_module
 
     old = []
     try:
@@ -356,8 +347,8 @@ def load(model: nn.Module, directory: str | os.PathLike, *, strict: bool = True)
 def densify(model: nn.Module) -> nn.Module:
     """Replace every structured layer by an ``nn.Linear`` holding ``to_dense()`` (and every adapter by its
     merged base layer), in place; returns ``model``. The forward is unchanged up to rounding."""
-    from .adapters import StructuredAdapter
-    from .surgery import set_module, structured_modules
+    from ..surgery.adapters import StructuredAdapter
+    from ..surgery.modules import set_module, structured_modules
 
     for name, mod in structured_modules(model):
         if isinstance(mod, StructuredAdapter):

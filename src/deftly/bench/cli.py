@@ -1,0 +1,183 @@
+"""``deftly bench`` / ``python -m deftly.bench``: arguments and the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import GLIBC_NOMMAP, BenchConfig, full_config, quick_config
+from .measure import _load1, find_tcmalloc, machine_info
+from .output import report, write
+from .suite import Targets, run
+
+HELP = "benchmark every structure against nn.Linear: time, GFLOP/s, speed-up vs ideal, peak memory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--full", action="store_true", help="the whole grid: sizes 1024, 4096 and 1024x4096, "
+                        "bf16 when the CPU runs it faster than fp32, peers, forced backends (~15-30 min)")
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="INxOUT", help="override the sizes")
+    parser.add_argument("--batches", nargs="+", type=int, default=None, help="override the batch sizes")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
+    parser.add_argument("--modes", nargs="+", default=None, choices=["fwd", "fwdbwd"])
+    parser.add_argument("--structures", nargs="+", default=None, metavar="NAME",
+                        help="structures to run (default: every registered one)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                        help="include cola-ml / PEFT peers when installed (default: only with --full)")
+    parser.add_argument("--backends", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time each forced backend of monarch/blockdiag/butterfly (default: --full)")
+    parser.add_argument("--no-fft", action="store_true", help="skip the exact-FFT butterfly row")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--out", default=None, help="output prefix (default: benchmarks/results/bench with "
+                        "--full, benchmarks/results/bench.quick otherwise)")
+    parser.add_argument("--no-png", action="store_true", help="skip the plot")
+    parser.add_argument("--allocators", nargs="+", default=None, choices=["glibc", "glibc-nommap", "thp", "tcmalloc"],
+                        help="run the suite once per allocator, each in its own subprocess (layer and "
+                             "nn.Linear always share one), and merge the tables: glibc (default malloc), "
+                             "glibc-nommap (GLIBC_TUNABLES: no mmap, no trim), thp (THP_MEM_ALLOC_ENABLE=1), "
+                             "tcmalloc (LD_PRELOAD libtcmalloc, apt libgoogle-perftools4)")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to SECONDS for the 1-min load average to fall below 0.5")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(THREADS)")
+
+
+def config_from_args(args) -> BenchConfig:
+    cfg = full_config() if args.full else quick_config()
+    if args.sizes:
+        cfg.sizes = [_parse_size(s) for s in args.sizes]
+    if args.batches:
+        cfg.batches = list(args.batches)
+    if args.dtypes:
+        cfg.dtypes = list(args.dtypes)
+    if args.modes:
+        cfg.modes = list(args.modes)
+    if args.structures:
+        import deftly
+
+        for s in args.structures:
+            deftly.get(s)
+        cfg.structures = list(args.structures)
+    if args.peers is not None:
+        cfg.peers = args.peers
+    if args.backends is not None:
+        cfg.backends = args.backends
+    if args.no_fft:
+        cfg.fft = False
+    if args.no_memory:
+        cfg.memory = False
+    if args.min_run_time is not None:
+        cfg.min_run_time = args.min_run_time
+    return cfg
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        a, b = text.lower().split("x")
+        size = int(a), int(b)
+    except ValueError:
+        raise ValueError(f"size {text!r} is not of the form INxOUT, e.g. 1024x4096") from None
+    if min(size) < 1:
+        raise ValueError(f"size {text!r} must have positive dimensions")
+    return size
+
+
+def wait_quiet(seconds: float, threshold: float = 0.5, log: Callable[[str], None] = print) -> float:
+    t0 = time.time()
+    load = _load1()
+    while load >= threshold and time.time() - t0 < seconds:
+        time.sleep(5)
+        load = _load1()
+    if load >= threshold:
+        log(f"machine not quiet after {seconds:.0f} s: 1-min load {load:.2f} (measuring anyway)")
+    return load
+
+
+def main_args(args, targets: Targets | None = None) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    prefix = args.out or os.path.join("benchmarks", "results", "bench" if args.full else "bench.quick")
+    if args.wait_quiet:
+        wait_quiet(args.wait_quiet)
+    if args.allocators:
+        result = _run_allocators(args, prefix, targets)
+    else:
+        result = run(cfg, targets=targets)
+    print()
+    print(report(result))
+    paths = write(result, prefix, png=not args.no_png)
+    print("\nwrote " + ", ".join(paths))
+    return 0
+
+
+def _run_allocators(args, prefix: str, targets: Targets | None = None) -> dict[str, Any]:
+    """One subprocess per allocator (same arguments), rows tagged with ``allocator``; meta of the first."""
+    merged: dict[str, Any] = {"meta": None, "rows": [], "targets": [], "by_allocator": {}}
+    argv = [a for a in sys.argv[1:] if a not in ("bench",)]
+    argv = _strip_option(argv, "--allocators")
+    argv = _strip_option(argv, "--out")
+    argv = _strip_option(argv, "--wait-quiet")
+    for alloc in args.allocators:
+        env = dict(os.environ)
+        env.pop("LD_PRELOAD", None)
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+        if alloc == "thp":
+            env["THP_MEM_ALLOC_ENABLE"] = "1"
+        elif alloc == "glibc-nommap":
+            env["GLIBC_TUNABLES"] = GLIBC_NOMMAP
+        elif alloc == "tcmalloc":
+            lib = find_tcmalloc()
+            if lib is None:
+                print("tcmalloc not found (apt-get install libgoogle-perftools4); skipped")
+                continue
+            env["LD_PRELOAD"] = lib
+        sub = f"{prefix}.{alloc}"
+        cmd = [sys.executable, "-m", "deftly.bench", *argv, "--out", sub, "--no-png"]
+        print(f"== allocator {alloc}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        with open(sub + ".json") as f:
+            res = json.load(f)
+        for r in res["rows"]:
+            r["allocator"] = res["meta"]["allocator"]
+        res["targets"] = targets(res["rows"]) if targets else []
+        merged["rows"] += res["rows"]
+        merged["by_allocator"][res["meta"]["allocator"]] = {"targets": res["targets"], "meta": res["meta"]}
+        if merged["meta"] is None:
+            merged["meta"] = res["meta"]
+            merged["targets"] = res["targets"]
+    merged["meta"] = dict(merged["meta"] or machine_info())
+    merged["meta"]["allocator"] = " / ".join(merged["by_allocator"]) + " (one subprocess each)"
+    return merged
+
+
+def _strip_option(argv: list[str], opt: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            if a.startswith("--"):
+                skip = False
+            else:
+                continue
+        if a == opt or a.startswith(opt + "="):
+            skip = a == opt
+            continue
+        out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None, targets: Targets | None = None) -> int:
+    """``deftly bench`` / ``python benchmarks/bench.py`` (with the issues' targets) / ``python -m deftly.bench``."""
+
+
+    parser = argparse.ArgumentParser(prog="deftly bench", description=HELP)
+    add_arguments(parser)
+    return main_args(parser.parse_args(argv), targets)

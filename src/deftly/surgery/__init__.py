@@ -1,0 +1,38 @@
+"""Model surgery: swap a model's dense layers for structured ones (``structurize``), add structured adapters
+(``adapt``), project a dense weight onto a structure (``project``), and the one budget solver both use.
+
+Match -> build -> swap: :func:`~deftly.surgery.structurize.plan` resolves a :class:`StructureConfig` to one
+plan per layer, :func:`~deftly.surgery.budget.choose_hparams` picks the hyperparameters, each method
+builds its module, and nothing is swapped until everything is built.
+"""
+
+from .adapters import Adapters, StructuredAdapter, adapt, merge, merge_and_unload, unmerge
+from .budget import choose_hparams, dense_count
+from .config import StructureConfig
+from .modules import dense_weight, is_linear_like, linear_modules, set_module, structured_modules
+from .project import project
+from .report import LayerReport, SurgeryReport
+from .structurize import collect_calibration, plan, structurize
+
+__all__ = [
+    "Adapters",
+    "LayerReport",
+    "StructureConfig",
+    "StructuredAdapter",
+    "SurgeryReport",
+    "adapt",
+    "choose_hparams",
+    "collect_calibration",
+    "dense_count",
+    "dense_weight",
+    "is_linear_like",
+    "linear_modules",
+    "merge",
+    "merge_and_unload",
+    "plan",
+    "project",
+    "set_module",
+    "structured_modules",
+    "structurize",
+    "unmerge",
+]
