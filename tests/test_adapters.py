@@ -139,3 +139,75 @@ def test_adapter_checks():
     m2 = copy.deepcopy(m)
     adapt(m2, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0"]), freeze=False)
     assert m2[4].weight.requires_grad and not m2[0].base.weight.requires_grad
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), torch.tensor(float("nan"))])
+def test_scale_must_be_finite(scale):
+    m = mlp()
+    with pytest.raises(ValueError, match=r"adapt: scale=.* is not finite.*Pass a finite number"):
+        adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0"]), scale=scale)
+    assert isinstance(m[0], nn.Linear) and m[0].weight.requires_grad  # untouched
+    for bad in ("1.0", True, None, 1j):
+        with pytest.raises(TypeError, match=r"adapt: scale=.* must be a real number"):
+            adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0"]), scale=bad)
+    with pytest.raises(ValueError, match="StructuredAdapter: scale=nan is not finite"):
+        StructuredAdapter(nn.Linear(4, 6), deftly.make("lowrank", 4, 6, bias=False, rank=1), float("nan"))
+    ad = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0"]), scale=0.5)
+    assert ad.modules()[0].scale == 0.5
+
+
+def test_second_adapt_on_adapted_layers_says_already_adapted():
+    m = mlp()
+    first = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0", "2"]))
+    snapshot = [type(x) for x in m.modules()]
+    for target in (["0"], ["2", "4"], r"[024]", "all-linear"):
+        with pytest.raises(ValueError, match=r"adapt: \d targeted layer\(s\) are already adapted: (0|2|0, 2)\. "
+                                             r".*merge_and_unload\(\)"):
+            adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=target))
+        assert [type(x) for x in m.modules()] == snapshot
+    # targeting the other layers is fine
+    adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["4"]))
+    assert isinstance(m[4], StructuredAdapter)
+    # after merging the first ones, they can be adapted again
+    first.merge_and_unload()
+    again = adapt(m, StructureConfig(structure="monarch", hparams={"nblocks": 4}, target_modules=["0", "2"]))
+    assert [type(a.delta).__name__ for a in again.modules()] == ["Monarch", "Monarch"]
+
+
+@pytest.mark.parametrize("how", ["handle", "function"])
+def test_merge_and_unload_restores_requires_grad(how):
+    # a model frozen before adapting stays frozen after merging
+    m = mlp().requires_grad_(False)
+    ad = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0", "2"]))
+    _train_step(m, ad)
+    ad.merge_and_unload() if how == "handle" else deftly.surgery.merge_and_unload(m)
+    assert not any(p.requires_grad for p in m.parameters())
+    # a partly frozen model gets each merged parameter's own flag back (the rest is as adapt left it)
+    m = mlp()
+    m[2].bias.requires_grad_(False)
+    ad = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0", "2"]))
+    assert not any(p.requires_grad for n, p in m.named_parameters() if ".delta." not in n)
+    ad.merge_and_unload() if how == "handle" else deftly.surgery.merge_and_unload(m)
+    assert type(m[0]) is nn.Linear and type(m[2]) is nn.Linear
+    assert m[0].weight.requires_grad and m[0].bias.requires_grad
+    assert m[2].weight.requires_grad and not m[2].bias.requires_grad
+    assert not m[4].weight.requires_grad  # frozen by adapt(freeze=True), untouched by merging
+
+
+def test_gpt2_merge_and_unload_keeps_conv1d():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    m = transformers.GPT2LMHeadModel(cfg).eval().requires_grad_(False)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    ad = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["c_fc"]))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapted = m(ids).logits.detach()
+    ad.merge_and_unload()
+    fc = m.transformer.h[0].mlp.c_fc
+    assert type(fc) is transformers.pytorch_utils.Conv1D and fc.weight.shape == (32, 128)
+    assert not fc.weight.requires_grad
+    torch.testing.assert_close(m(ids).logits, adapted, rtol=1e-5, atol=1e-5)

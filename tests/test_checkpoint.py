@@ -187,3 +187,25 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert a["history"] == [{**h, "train_time": a["history"][i]["train_time"]} for i, h in enumerate(b["history"])]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_index_keyed_optimizer_state_is_refused_with_the_file_named(tmp_path):
+    """Checkpoints from before name-keyed optimizer states cannot be checked against the model: a clear
+    error naming the file, and nothing loaded."""
+    from torch import nn
+
+    from deftly.train.loop import _load_state
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = nn.Linear(3, 2)
+    state = {"model": other.state_dict(), "optimizer": opt.state_dict(), "rng": {}, "step": 1, "train_time": 0.0,
+             "history": [], "losses": []}
+    ckpt = tmp_path / "old.safetensors"
+    with pytest.raises(ValueError, match="index-keyed") as info:
+        _load_state(state, ckpt, model, model, opt, distributed=False)
+    assert str(ckpt) in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -2,8 +2,13 @@
 
 One launch of 2 worker processes runs every registered structure under both strategies (process start-up
 dominates on 2 cores). The workers are this file run as a script with torchrun's environment variables
-(RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT), i.e. exactly the code path of
-``torchrun --nproc_per_node=2`` without the launcher's own start-up.
+(RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE), i.e. exactly the code
+path of ``torchrun --nproc_per_node=2`` without the launcher's own start-up: like torchrun's agent, this
+process hosts the rendezvous store, bound to port 0 (the OS picks a free port while binding it, so there is
+no window in which another process can take it), and the workers' ``deftly.distributed.setup`` connects to
+it. A launch that fails is retried once with a new store and port; the failed attempt's worker logs are
+shown (a warning when the retry passes, in the error when it fails too), so the suite cannot fail for a
+reason outside the code under test without saying so.
 
 For each case (a structure with its first ``examples()`` entry, plus the first example of every other
 parameter-dtype signature, e.g. a complex butterfly; plus a test-only layer with an odd-sized complex
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -44,7 +48,8 @@ STEPS = 3
 LR = 1e-2
 TOL = 1e-5
 STRATEGIES = ("ddp", "fsdp2")
-WORKER_TIMEOUT_S = 240
+WORKER_TIMEOUT_S = 900  # a hang guard only (per launch attempt); a loaded 2-core machine can be slow
+PG_TIMEOUT_S = 180  # a rank failing alone turns into an error in the other rank, not a hang
 
 
 # --------------------------------------------------------------------------- checkpoint I/O
@@ -160,7 +165,7 @@ def train_steps(model, opt, steps, rows=slice(None)):
 
 # --------------------------------------------------------------------------- the worker (2 processes)
 def _worker(workdir: Path) -> None:
-    info = ddist.setup(timeout_s=60)  # a rank failing alone turns into an error, not a hang
+    info = ddist.setup(timeout_s=PG_TIMEOUT_S)  # a rank failing alone turns into an error, not a hang
     assert info.world_size == 2 and info.backend == "gloo", info
     torch.set_num_threads(1)
     cases = json.loads((workdir / "cases.json").read_text())
@@ -236,37 +241,74 @@ def _worker(workdir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the launch (this process)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _agent_store(nproc: int):
+    """The rendezvous store the workers connect to, as torchrun's agent hosts it: a TCPStore server bound to
+    port 0 here (race-free: the port is chosen by the bind itself); ``store.port`` is the port it got."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, world_size=nproc, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
 
 
-def launch_workers(workdir: Path, nproc: int = 2, timeout: float = WORKER_TIMEOUT_S) -> list[str]:
-    port = _free_port()
+def _launch_once(workdir: Path, attempt: int, nproc: int, timeout: float) -> tuple[list, list[str]]:
+    """One launch of ``nproc`` workers; ``(exit codes, worker logs)``."""
+    store = _agent_store(nproc)
     procs = []
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-        log = open(workdir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(workdir)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout
-    codes = []
-    for p, log in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-            codes.append("timeout")
-        log.close()
-    logs = [(workdir / f"rank{r}.log").read_text()[-4000:] for r in range(nproc)]
-    if any(c != 0 for c in codes):
-        raise AssertionError(f"workers exited with {codes}:\n" + "\n---\n".join(logs))
-    return logs
+    try:
+        for rank in range(nproc):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
+                       TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+            log = open(workdir / f"attempt{attempt}_rank{rank}.log", "w")
+            procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(workdir)], env=env,
+                                           stdout=log, stderr=subprocess.STDOUT), log))
+        deadline = time.monotonic() + timeout
+        codes: list = []
+        for p, log in procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                for q, _ in procs:
+                    q.kill()
+                    q.wait()
+                codes.append(f"timeout after {timeout:.0f} s")
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+        del store
+    logs = [(workdir / f"attempt{attempt}_rank{r}.log").read_text()[-4000:] for r in range(nproc)]
+    return codes, logs
+
+
+def _format_logs(codes: list, logs: list[str]) -> str:
+    return f"workers exited with {codes}:\n" + "\n---\n".join(f"[rank {r}]\n{text}" for r, text in enumerate(logs))
+
+
+def launch_workers(workdir: Path, nproc: int = 2, timeout: float = WORKER_TIMEOUT_S,
+                   attempts: int = 2) -> tuple[list[str], int]:
+    """Run the workers; a failed launch is retried once (new store and port). Returns ``(worker logs,
+    attempts used)``; raises with every attempt's logs when all fail."""
+    failed: list[str] = []
+    for attempt in range(1, attempts + 1):
+        for r in range(nproc):  # a previous attempt's results must not be read as this one's
+            (workdir / f"results_rank{r}.json").unlink(missing_ok=True)
+        codes, logs = _launch_once(workdir, attempt, nproc, timeout)
+        if all(c == 0 for c in codes) and all((workdir / f"results_rank{r}.json").exists() for r in range(nproc)):
+            if failed:
+                import warnings
+
+                warnings.warn(f"distributed launch attempt 1 failed and was retried (attempt {attempt} passed); "
+                              f"its worker logs:\n{failed[0]}", stacklevel=2)
+            return logs, attempt
+        failed.append(_format_logs(codes, logs))
+    raise AssertionError(f"{attempts} launches failed.\n" + "\n=====\n".join(
+        f"attempt {i + 1}: {text}" for i, text in enumerate(failed)))
 
 
 CASES = _cases()
@@ -291,10 +333,11 @@ def run(tmp_path_factory):
         refs[case["id"]] = (ref3, {k: v.clone() for k, v in model.state_dict().items()})
     (workdir / "cases.json").write_text(json.dumps(CASES))
     t0 = time.perf_counter()
-    launch_workers(workdir)
-    elapsed = time.perf_counter() - t0
+    _, attempts = launch_workers(workdir)
+    print(f"2-process launch: {time.perf_counter() - t0:.1f} s ({attempts} attempt(s)) for {len(CASES)} cases x "
+          f"{len(STRATEGIES)} strategies")
     results = json.loads((workdir / "results_rank0.json").read_text())
-    return {"dir": workdir, "refs": refs, "results": results, "launch_s": elapsed}
+    return {"dir": workdir, "refs": refs, "results": results}
 
 
 def _max_diff(a: dict, b: dict) -> dict[str, float]:
@@ -373,10 +416,44 @@ def test_bad_state_dict_raises_on_all_ranks_and_changes_nothing(run, strategy):
     assert rec["unchanged"], rec
 
 
-def test_launch_time(run):
-    """Budget: one launch for every case and both strategies (start-up included)."""
-    assert run["launch_s"] < WORKER_TIMEOUT_S
-    print(f"2-process launch: {run['launch_s']:.1f} s for {len(CASES)} cases x {len(STRATEGIES)} strategies")
+def test_one_launch_ran_every_case(run):
+    """The launch recorded every case under both strategies (plus the bad-load checks) and nothing else."""
+    want = {f"{c['id']}|{s}" for c in CASES for s in STRATEGIES} | {f"bad-load|{s}" for s in STRATEGIES}
+    assert set(run["results"]) == want
+
+
+def test_launch_retries_once_and_shows_the_logs(tmp_path, monkeypatch):
+    """A launch that fails is retried once with a new store (new port), the failed attempt's worker logs are
+    shown; when both fail, the error holds both attempts' logs. Workers here are stand-ins for the real ones:
+    the first attempt's rank 1 exits with status 3 after printing a marker."""
+    ports = []
+    real_store = _agent_store
+
+    def store(nproc):
+        s = real_store(nproc)
+        ports.append(s.port)
+        return s
+
+    script = tmp_path / "fake_worker.py"
+    script.write_text("import os, sys, pathlib\n"
+                      "w = pathlib.Path(sys.argv[2]); r = os.environ['RANK']\n"
+                      "if r == '1':\n"
+                      "    try:  # only rank 1 touches this file: the first call creates it\n"
+                      "        os.close(os.open(w / 'failed_once', os.O_CREAT | os.O_EXCL)); first = True\n"
+                      "    except FileExistsError:\n"
+                      "        first = False\n"
+                      "    if first or (w / 'always').exists():\n"
+                      "        print('MARKER rank', r, 'port', os.environ['MASTER_PORT']); sys.exit(3)\n"
+                      "(w / f'results_rank{r}.json').write_text('{}')\n")
+    monkeypatch.setattr(sys.modules[__name__], "__file__", str(script))
+    monkeypatch.setattr(sys.modules[__name__], "_agent_store", store)
+    with pytest.warns(UserWarning, match=r"(?s)attempt 1 failed.*MARKER rank 1"):
+        _, attempts = launch_workers(tmp_path, timeout=120)
+    assert attempts == 2 and len(set(ports)) == 2  # a new store and port for the retry
+    (tmp_path / "always").write_text("x")
+    with pytest.raises(AssertionError, match=r"(?s)2 launches failed.*attempt 1.*exited with \[0, 3\].*MARKER"
+                                             r".*attempt 2.*MARKER"):
+        launch_workers(tmp_path, timeout=120)
 
 
 # --------------------------------------------------------------------------- single-process API checks

@@ -13,7 +13,7 @@ from deftly.core.partition import balanced_factors
 # (in, out, in_factors, out_factors, rank); None = balanced default
 CASES = [(16, 16, None, None, 1), (13, 17, None, None, 2), (17, 13, (6, 3), (7, 2), 3),
          (12, 20, (4, 3), (5, 4), 1), (12, 20, (3, 4), (4, 5), 2), (7, 11, (7, 1), (1, 11), 1),
-         (1, 1, None, None, 2), (1, 9, (1, 1), (3, 3), 1), (10, 10, (4, 4), (2, 8), 2)]
+         (1, 1, None, None, 1), (1, 9, (1, 1), (3, 3), 1), (10, 10, (4, 4), (2, 8), 2)]
 
 
 def make(in_f, out_f, fi, fo, rank, seed=0, dtype=torch.float64):

@@ -34,7 +34,6 @@ HALF = [torch.float16, torch.bfloat16]
 # relative error budgets vs float32 (measured at D=128: fp16 1.2e-3..1.7e-3, bf16 1.0e-2..1.4e-2)
 OUT_BUDGET = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
 GRAD_BUDGET = {torch.float16: 2e-2, torch.bfloat16: 1.2e-1}
-RESULTS: dict = {}
 
 
 class ResidualStack(nn.Module):
@@ -115,7 +114,6 @@ def test_residual_stack_half_precision(name, dtype):
     rms = float(y.pow(2).mean().sqrt())
     assert 0.1 < rms < 100, f"{name} {dtype}: output RMS {rms} (activations not bounded)"
     err_y, err_g = rel(y, y32), max(rel(gx, gx32), max(rel(a, b) for a, b in zip(gp, gp32)))
-    RESULTS[(name, str(dtype), "residual")] = (err_y, err_g, rms)
     assert err_y <= OUT_BUDGET[dtype], f"{name} {dtype}: output rel. error {err_y:.2e}"
     assert err_g <= GRAD_BUDGET[dtype], f"{name} {dtype}: gradient rel. error {err_g:.2e}"
     if name != "dense":
@@ -129,13 +127,12 @@ def test_residual_stack_half_precision(name, dtype):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("name", deftly.structures())
 def test_plain_stack_half_precision_finite(name, dtype):
-    model32, (y32, gx32, _) = reference("plain", name)
+    model32, (y32, _, _) = reference("plain", name)
     y, gx, gp = run(low_precision_copy(model32, dtype), dtype)
     assert all_finite(y, gx, gp), f"{name} {dtype}: non-finite forward/backward"
     rms, rms32 = float(y.pow(2).mean().sqrt()), float(y32.pow(2).mean().sqrt())
     assert 1e-3 < rms < 10, f"{name} {dtype}: output RMS {rms}"
     assert abs(rms / rms32 - 1) < 0.1, (rms, rms32)
-    RESULTS[(name, str(dtype), "plain")] = (rel(y, y32), float(gx32.norm()), rms)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -146,8 +143,3 @@ def test_autocast_residual_stack(name, dtype):
     y, gx, gp = run(model32, dtype, autocast=True)
     assert all_finite(y, gx, gp), f"{name} autocast {dtype}: non-finite"
     assert rel(y, y32) <= OUT_BUDGET[dtype], f"{name} autocast {dtype}: rel. error {rel(y, y32):.2e}"
-
-
-def test_zz_report():
-    for key, val in sorted(RESULTS.items()):
-        print(key, " ".join(f"{v:.2e}" for v in val))

@@ -241,3 +241,94 @@ def test_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]", out
     assert out[1] == "True"
+
+
+def test_load_into_a_meta_built_model_materialises_it(saved):
+    m, path = saved
+    with torch.device("meta"):
+        ghost = mlp(seed=3)
+    assert all(p.is_meta for p in ghost.parameters())
+    out = load(ghost, path)
+    assert out is ghost
+    assert not any(t.is_meta for t in [*ghost.parameters(), *ghost.buffers()])
+    assert ghost[4].weight.requires_grad
+    torch.testing.assert_close(ghost(X), m(X), rtol=0, atol=0)
+    for k, v in m.state_dict().items():
+        assert torch.equal(ghost.state_dict()[k], v), k
+
+
+def test_load_into_meta_gpt2_keeps_tied_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    structurize(m, StructureConfig(structure="lowrank", budget=0.5, steps=0))
+    save(m, tmp_path / "g")
+    with torch.device("meta"):
+        ghost = transformers.GPT2LMHeadModel(cfg).eval()
+    load(ghost, tmp_path / "g")
+    assert ghost.lm_head.weight is ghost.transformer.wte.weight
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ghost(ids).logits, m(ids).logits, rtol=0, atol=0)
+
+
+def test_load_refuses_a_meta_model_whose_buffers_are_not_saved(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                  vocab_size=50)
+    torch.manual_seed(0)
+    real = transformers.BertModel(cfg)
+    structurize(real, StructureConfig(structure="lowrank", budget=0.5, target_modules=["query"], steps=0))
+    save(real, tmp_path / "b")
+    with torch.device("meta"):
+        ghost = transformers.BertModel(cfg)
+    snap = [type(x) for x in ghost.modules()]
+    with pytest.raises(DeftlyLoadError, match=r"tensors on the meta device that .* cannot fill: "
+                                              r"embeddings\.position_ids.*non-persistent.*not changed"):
+        load(ghost, tmp_path / "b")
+    assert [type(x) for x in ghost.modules()] == snap and all(p.is_meta for p in ghost.parameters())
+
+
+def test_save_refuses_a_meta_model(tmp_path):
+    with torch.device("meta"):
+        ghost = mlp()
+    with pytest.raises(ValueError, match=r"on the meta device and hold no values \(e.g. '0.weight'\)"):
+        save(ghost, tmp_path / "m")
+
+
+def test_densify_restores_conv1d_through_save_and_load(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    Conv1D = transformers.pytorch_utils.Conv1D
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    kinds = [(n, type(x)) for n, x in m.named_modules()]
+    structurize(m, StructureConfig(structure="monarch", budget=0.5, steps=0))
+    save(m, tmp_path / "g")
+    assert {e["original_kind"] for e in json.loads((tmp_path / "g" / CONFIG_FILE).read_text())["layers"]} == {"Conv1D"}
+    torch.manual_seed(1)
+    fresh = transformers.GPT2LMHeadModel(cfg).eval()
+    load(fresh, tmp_path / "g")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    ref = fresh(ids).logits
+    densify(fresh)
+    assert [(n, type(x)) for n, x in fresh.named_modules()] == kinds
+    c_fc = fresh.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, Conv1D) and c_fc.weight.shape == (32, 128)
+    torch.testing.assert_close(c_fc.weight, m.transformer.h[0].mlp.c_fc.to_dense().T, rtol=0, atol=0)
+    torch.testing.assert_close(fresh(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_densify_keeps_frozen_layers_frozen_and_is_atomic(saved):
+    import deftly.transforms as T
+
+    m, _ = saved
+    m[0].requires_grad_(False)
+    densify(m)
+    assert not m[0].weight.requires_grad and not m[0].bias.requires_grad and m[2].weight.requires_grad
+    model = nn.Sequential(deftly.make("lowrank", 8, 8, rank=2), T.dft(8))
+    with pytest.raises(ValueError, match=r"layer '1' \(DFT\) has a complex weight; a dense Linear cannot hold it"):
+        densify(model)
+    assert type(model[0]).__name__ == "LowRank"  # nothing was swapped

@@ -19,7 +19,7 @@ CLOSED = ["dense", "lowrank", "blockdiag", "monarch", "lrbd"]
 STRUCTURED_CASES = [
     ("dense", 12, 20, {}),
     ("lowrank", 30, 20, {"rank": 4}),
-    ("lowrank", 8, 8, {"rank": 11}),  # rank above min(in, out): padded with zero factors
+    ("lowrank", 8, 8, {"rank": 8}),  # full rank min(in, out) (higher ranks are refused)
     ("blockdiag", 13, 22, {"nblocks": 3}),
     ("blockdiag", 24, 24, {"nblocks": 4}),
     ("monarch", 16, 16, {"nblocks": 4, "out_blocks": 4, "rank": 1}),
@@ -259,29 +259,34 @@ def test_candidates_are_valid_and_counted_exactly(name):
 
 @pytest.mark.parametrize("name", sorted(deftly.structures()))
 @pytest.mark.parametrize("kind", ["params", "flops"])
-def test_choose_hparams_is_the_largest_within_budget(name, kind):
+def test_choose_hparams_fills_the_budget_in_the_preferred_shape(name, kind):
+    """Never over the budget (on the weight for ``params``: biases stay dense); at least FILL of the fullest
+    admissible count; and no admissible candidate that fills FILL of it has a better shape score."""
+    from deftly.surgery.budget import FILL
+
     cls = deftly.get(name)
     in_f, out_f = 24, 40
-    counts = []
+    cands = []
     for hp in cls.hparam_candidates(in_f, out_f):
         try:
-            n = (cls.param_count(in_f, out_f, **hp) + out_f if kind == "params"
-                 else cls.flop_count(in_f, out_f, **hp))
+            n = (cls.param_count(in_f, out_f, **hp) if kind == "params" else cls.flop_count(in_f, out_f, **hp))
         except (TypeError, ValueError):
             continue
-        counts.append(n)
+        cands.append((n, hp))
     for budget in (0.1, 0.25, 0.5, 1.0):
-        limit = budget * dense_count(in_f, out_f, kind)
-        fits = [n for n in counts if n <= limit]
+        limit = budget * (in_f * out_f if kind == "params" else dense_count(in_f, out_f, kind))
+        fits = [(n, hp) for n, hp in cands if n <= limit]
         if not fits:
             with pytest.raises(ValueError, match=f"no {name} hyperparameters fit budget={budget}"):
                 choose_hparams(name, in_f, out_f, budget, kind=kind)
             continue
         hp = choose_hparams(name, in_f, out_f, budget, kind=kind)[0]
-        layer = deftly.make(name, in_f, out_f, **hp)
+        layer = deftly.make(name, in_f, out_f, bias=False, **hp)
         got = layer.num_params() if kind == "params" else layer.flops()
-        assert got <= limit
-        assert got == max(fits)
+        fullest = max(n for n, _ in fits)
+        assert FILL * fullest <= got <= limit
+        score = cls.shape_score(in_f, out_f, **hp)
+        assert all(cls.shape_score(in_f, out_f, **h) >= score - 1e-9 for n, h in fits if n >= FILL * fullest)
 
 
 def test_budget_error_says_what_fits():

@@ -148,7 +148,9 @@ def test_fashion_mnist_recipe_end_to_end_and_resume(tmp_path):
     _need_fashion()
     from deftly.train.fashion import FashionConfig, run
 
-    cfg = FashionConfig(structures=("dense", "lowrank", "no-such-structure"), width=32, depth=2, epochs=1,
+    with pytest.raises(ValueError, match=r"unknown structure 'lowrnk'.*Did you mean 'lowrank'\?"):
+        FashionConfig(structures=("dense", "lowrnk"))  # was: skipped with a note, an empty table, exit 0
+    cfg = FashionConfig(structures=("dense", "lowrank"), width=32, depth=2, epochs=1,
                         batch_size=64, train_limit=512, test_limit=200)
     res = run(cfg, tmp_path / "fm", progress=False)
     data = _check_run_dir(tmp_path / "fm", 2)
@@ -157,7 +159,6 @@ def test_fashion_mnist_recipe_end_to_end_and_resume(tmp_path):
     assert low["hidden_params"] <= 0.1 * 32 * 32 and low["hparams"] == {"rank": 1}
     assert 0 <= low["test_acc"] <= 100 and low["test_acc"] * 2 % 1 == 0  # a count out of 200 test images
     assert low["gap"] == pytest.approx(low["test_acc"] - dense["test_acc"])
-    assert any("no-such-structure" in n and "not registered" in n for n in res["notes"])
     # resume reuses finished models without training again
     again = run(cfg, tmp_path / "fm", resume=True, progress=False)
     assert [r["test_acc"] for r in again["rows"]] == [r["test_acc"] for r in res["rows"]]
@@ -274,6 +275,18 @@ def test_demo_and_report_commands(tmp_path, capsys):
 def test_train_command_rejects_bad_values(capsys):
     assert main(["train", "fashion-mnist", "--fraction", "1.5"]) == 2
     assert "fraction=1.5" in capsys.readouterr().err
+
+
+def test_nothing_trained_is_an_error_not_an_empty_table(tmp_path, capsys):
+    """Every structure skipped (no hyperparameters fit the budget): exit 2 naming why, no results written
+    (was: an empty table and exit 0)."""
+    _need_fashion()
+    out = tmp_path / "none"
+    assert main(["train", "fashion-mnist", "--structures", "monarch", "--fraction", "0.0001", "--width", "16",
+                 "--epochs", "1", "--train-limit", "256", "--test-limit", "50", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing was trained: monarch: skipped" in err[0] and "fraction=0.0001" in err[0], err
+    assert not (out / "results.json").exists()
 
 
 def test_forward_flops_counts_every_row_once():

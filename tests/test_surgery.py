@@ -67,14 +67,17 @@ def test_budget_is_met_per_layer_and_in_total(structure, budget):
     before = sum(p.numel() for p in m.parameters())
     report = structurize(m, StructureConfig(structure=structure, budget=budget, steps=0))
     for r in report.layers:
-        assert r.params_after <= budget * r.params_before, r
+        bias = r.params_before - r.in_features * r.out_features  # the budget is on the weight; biases stay
+        assert r.params_after - bias <= budget * r.in_features * r.out_features, r
         assert r.params_after == m.get_submodule(r.name).num_params()
         assert r.flops_after == m.get_submodule(r.name).flops()
         assert r.flops_before == 2 * r.in_features * r.out_features
         # lrbd carries a fixed identity, which a small rectangular weight has to cancel: no zero baseline
         assert 0 <= r.error <= (1.0 if structure != "lrbd" else float("inf"))
-    assert report.params_after <= budget * report.params_before
-    assert report.params_after > 0.6 * budget * report.params_before  # close to the budget, not far below
+    weights = sum(r.in_features * r.out_features for r in report.layers)
+    biases = report.params_before - weights
+    assert report.params_after - biases <= budget * weights
+    assert report.params_after - biases > 0.6 * budget * weights  # close to the budget, not far below
     assert report.model_params_before == before
     assert report.model_params_after == sum(p.numel() for p in m.parameters())
     assert report.model_params_before - report.model_params_after == report.params_before - report.params_after
@@ -123,20 +126,29 @@ def test_patterns_that_match_nothing_list_the_candidates():
         structurize(net(), StructureConfig(structure="lowrank", budget=0.5, overrides={"head": {"rank": 2}}))
 
 
+def weight_before(r):
+    return r.in_features * r.out_features
+
+
+def weight_after(r):
+    """Structured parameters without the bias (the budget is on the weight; biases stay dense)."""
+    return r.params_after - (r.params_before - weight_before(r))
+
+
 def test_overrides_structure_budget_and_partial_hparams():
     m = net()
     cfg = StructureConfig(structure="monarch", budget=0.5, steps=0, overrides={
-        "query": {"structure": "lowrank", "rank": 3},
+        "query": {"structure": "lowrank", "rank": 2},  # 120 params: within both budgets
         r"blocks\.1\..*": {"budget": 0.25},
         "up": {"nblocks": 2},
     })
     report = structurize(m, cfg)
     q = report["blocks.0.query"]
-    assert (q.structure, q.hparams) == ("lowrank", {"rank": 3})
-    assert report["blocks.1.value"].params_after <= 0.25 * report["blocks.1.value"].params_before
+    assert (q.structure, q.hparams) == ("lowrank", {"rank": 2})
+    assert weight_after(report["blocks.1.value"]) <= 0.25 * weight_before(report["blocks.1.value"])
     for name in ("blocks.0.up", "blocks.1.up"):
         assert report[name].hparams["nblocks"] == 2
-    assert report["blocks.1.up"].params_after <= 0.25 * report["blocks.1.up"].params_before
+    assert weight_after(report["blocks.1.up"]) <= 0.25 * weight_before(report["blocks.1.up"])
     assert isinstance(m.blocks[0].query, deftly.get("lowrank"))
     assert isinstance(m.blocks[0].down, deftly.get("monarch"))
 
@@ -184,7 +196,7 @@ def test_select_error_is_never_worse_than_select_params():
     ra = structurize(a, StructureConfig(structure="monarch", budget=0.25, select="params", max_trials=1))
     rb = structurize(b, StructureConfig(structure="monarch", budget=0.25, select="error", slack=0.05))
     assert rb.mean_error <= ra.mean_error + 1e-9
-    assert rb.params_after <= 0.25 * rb.params_before
+    assert all(weight_after(r) <= 0.25 * weight_before(r) for r in rb.layers)
 
 
 def test_failure_leaves_the_model_unchanged():
@@ -252,7 +264,7 @@ def test_gpt2_conv1d_surgery():
 
     m = gpt2()
     report = structurize(m, StructureConfig(structure="monarch", budget=0.5))
-    assert all(r.params_after <= 0.5 * r.params_before for r in report.layers)
+    assert all(weight_after(r) <= 0.5 * weight_before(r) for r in report.layers)
     assert all(r.error < 1.0 for r in report.layers)
     out = m(GPT_IDS).logits
     assert out.shape == ref.shape and torch.isfinite(out).all()

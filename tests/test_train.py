@@ -11,7 +11,6 @@ from torch import nn
 
 import deftly
 from deftly.data import MissingDataError
-from deftly.train.budget import BudgetError, fit_budget
 from deftly.train.loop import Progress, TrainConfig, epoch_batches, lr_at, train
 from deftly.train.mup import layer_multipliers, lr_multipliers, param_groups, set_lr
 
@@ -132,29 +131,6 @@ def test_mup_structured_mlp_is_not_worse_than_one_global_lr():
     (mup_loss, mup_acc), (glob_loss, glob_acc) = results[True], results[False]
     assert mup_loss <= glob_loss, results
     assert mup_acc >= glob_acc - 0.005, results
-
-
-# ------------------------------------------------------------------ budget search
-def test_fit_budget_never_exceeds_and_gets_close():
-    for name in deftly.structures():
-        if name == "dense":
-            with pytest.raises(BudgetError, match="dense"):
-                fit_budget(name, 128, 128, 0.1)
-            continue
-        try:
-            hp, n = fit_budget(name, 256, 256, 0.25)
-        except BudgetError:
-            continue  # a structure whose smallest form is above the budget is reported, not forced
-        assert n <= 0.25 * 256 * 256
-        assert deftly.get(name).param_count(256, 256, **hp) == n
-        layer = deftly.make(name, 256, 256, bias=False, **hp)
-        assert layer.num_params() == n
-    hp, n = fit_budget("lowrank", 1024, 1024, 0.1)
-    assert hp == {"rank": 51} and n == 51 * 2048  # the largest rank that fits
-    hp, n = fit_budget("blockdiag", 1024, 1024, 0.1)
-    assert n <= 104857 and n > 0.09 * 1024 * 1024
-    with pytest.raises(ValueError, match="fraction=0"):
-        fit_budget("lowrank", 8, 8, 0)
 
 
 # ------------------------------------------------------------------ loop pieces

@@ -8,7 +8,7 @@ Monarch, butterfly, Block Tensor-Train, low-rank, block-diagonal, banded, Kronec
 
 Model-level tools are imported on first use (``import deftly`` stays light): ``deftly.project``,
 ``deftly.structurize`` / ``deftly.StructureConfig``, ``deftly.adapt``, ``deftly.save`` / ``deftly.load`` /
-``deftly.densify``.
+``deftly.densify``, ``deftly.save_pretrained`` / ``deftly.from_pretrained`` (Hugging Face models).
 """
 
 from .core.base import StructuredLinear
@@ -19,13 +19,16 @@ __all__ = [
     "StructuredLinear",
     "adapt",
     "densify",
+    "from_pretrained",
     "get",
     "load",
     "make",
     "param_groups",
+    "plan",
     "project",
     "register",
     "save",
+    "save_pretrained",
     "structures",
     "structurize",
 ]
@@ -35,9 +38,12 @@ from ._version import __version__
 _LAZY = {
     "project": ("deftly.surgery.project", "project"),
     "structurize": ("deftly.surgery.structurize", "structurize"),
+    "plan": ("deftly.surgery.plan", "plan"),
     "StructureConfig": ("deftly.surgery.config", "StructureConfig"),
     "adapt": ("deftly.surgery.adapters", "adapt"),
     "save": ("deftly.io.persist", "save"),
+    "save_pretrained": ("deftly.io.hf", "save_pretrained"),
+    "from_pretrained": ("deftly.io.hf", "from_pretrained"),
     "load": ("deftly.io.persist", "load"),
     "densify": ("deftly.io.persist", "densify"),
     "param_groups": ("deftly.train.mup", "param_groups"),

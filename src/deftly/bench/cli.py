@@ -101,22 +101,84 @@ def wait_quiet(seconds: float, threshold: float = 0.5, log: Callable[[str], None
     return load
 
 
+def _check_args(args) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be >= 1 (or leave it unset for torch's default)")
+    if args.batches and min(args.batches) < 1:
+        raise ValueError(f"--batches {' '.join(map(str, args.batches))}: every batch size must be >= 1")
+    if args.min_run_time is not None and not 0 < args.min_run_time < float("inf"):
+        raise ValueError(f"--min-run-time {args.min_run_time}: must be a positive number of seconds, e.g. 0.3")
+    if args.wait_quiet < 0:
+        raise ValueError(f"--wait-quiet {args.wait_quiet}: must be >= 0 seconds")
+
+
+def partial_path(prefix: str) -> str:
+    """Where the rows measured so far are kept while the suite runs (removed once the results are written)."""
+    return prefix + ".partial.json"
+
+
+def _save_partial(path: str, meta: dict[str, Any], rows: list[dict[str, Any]], total: int) -> None:
+    from ..core.files import atomic_write_bytes
+
+    payload = {"partial": True, "rows_planned": total, "meta": meta, "rows": rows}
+    atomic_write_bytes(path, (json.dumps(payload, indent=1, default=str) + "\n").encode())
+
+
 def main_args(args, targets: Targets | None = None) -> int:
+    """Run ``deftly bench``: prints a time estimate first; every measured row is saved at once (atomically)
+    to ``<out>.partial.json``, so an interrupted run keeps what it measured (``args._interrupt_note`` says
+    where); the full results replace it at the end."""
+    from ..train.results import plots_skipped_reason
+    from .suite import _cases, count_rows, estimate_seconds
+
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     prefix = args.out or os.path.join("benchmarks", "results", "bench" if args.full else "bench.quick")
+    png = not args.no_png
+    if png and plots_skipped_reason():
+        print(f"plot skipped ({prefix}.png not written): {plots_skipped_reason()}")
+        png = False
     if args.wait_quiet:
         wait_quiet(args.wait_quiet)
     if args.allocators:
         result = _run_allocators(args, prefix, targets)
     else:
-        result = run(cfg, targets=targets)
+        cases = _cases(cfg)
+        total = count_rows(cfg, cases)
+        est = estimate_seconds(cfg, cases=cases)
+        partial = partial_path(prefix)
+        os.makedirs(os.path.dirname(partial) or ".", exist_ok=True)
+        print(f"deftly bench: {total} rows ({len(cfg.sizes)} size(s) x {len(cfg.dtypes)} dtype(s) x "
+              f"{len(cfg.batches)} batch(es) x {len(cfg.modes)} mode(s) x the structures); rough estimate "
+              f"{_duration(est)} on this machine (more when it is busy). Rows are saved to {partial} as they "
+              f"are measured.", flush=True)
+        if os.path.exists(partial):
+            os.remove(partial)  # an older run's rows are not this run's
+        args._interrupt_note = f"nothing measured yet ({partial} not written)"
+
+        def on_row(meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+            _save_partial(partial, meta, rows, total)
+            args._interrupt_note = (f"the {len(rows)} of {total} rows measured are kept in {partial} (the JSON "
+                                    f"of the final results, with \"partial\": true)")
+
+        result = run(cfg, targets=targets, on_row=on_row)
     print()
     print(report(result))
-    paths = write(result, prefix, png=not args.no_png)
+    paths = write(result, prefix, png=png)
+    if not args.allocators and os.path.exists(partial_path(prefix)):
+        os.remove(partial_path(prefix))
     print("\nwrote " + ", ".join(paths))
     return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
 
 
 def _run_allocators(args, prefix: str, targets: Targets | None = None) -> dict[str, Any]:
@@ -180,4 +242,13 @@ def main(argv: list[str] | None = None, targets: Targets | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="deftly bench", description=HELP)
     add_arguments(parser)
-    return main_args(parser.parse_args(argv), targets)
+    args = parser.parse_args(argv)
+    try:
+        return main_args(args, targets)
+    except KeyboardInterrupt:
+        note = getattr(args, "_interrupt_note", None)
+        print("deftly bench: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as err:
+        print(f"deftly bench: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -97,8 +98,67 @@ def _make(label: str, kind: str, extra: dict, in_f: int, out_f: int, dtype: torc
     return layer
 
 
-def run(cfg: BenchConfig, log: Callable[[str], None] = print, targets: Targets | None = None) -> dict[str, Any]:
-    """Run the grid; returns ``{"meta": ..., "rows": [...], "targets": [...]}``."""
+def count_rows(cfg: BenchConfig, cases: list[tuple[str, str, dict]] | None = None,
+               dtypes: list[str] | None = None) -> int:
+    """Rows the grid will measure (at most: a case that cannot be built at a size is skipped)."""
+    cases = _cases(cfg) if cases is None else cases
+    n = 0
+    for in_f, out_f in cfg.sizes:
+        for dname in cfg.dtypes if dtypes is None else dtypes:
+            n += sum(1 for label, _, _ in cases
+                     if not (label == "butterfly[fft]" and (in_f != out_f or dname == "bfloat16")))
+    return n * len(cfg.batches) * len(cfg.modes)
+
+
+#: the per-row formula of :func:`estimate_seconds` replayed with the recorded nn.Linear times of
+#: benchmarks/results/bench.quick.json (60 rows: 147 s) and bench.json (840 rows: 740 s) under-counts the
+#: recorded run times (337 s and 1,627 s) by 2.3x and 2.2x: timer, profiler and layer-building overheads
+OVERHEAD = 2.2
+
+
+def matmul_rate(seconds: float = 0.1) -> float:
+    """FLOP/s of a float32 matmul here (the best of a few calls of 512 x 1024 @ 1024 x 1024)."""
+    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+    a @ b
+    best, t_end = math.inf, time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > t_end:
+            break
+    return 2 * 512 * 1024 * 1024 / max(best, 1e-9)
+
+
+def estimate_seconds(cfg: BenchConfig, rate: float | None = None,
+                     cases: list[tuple[str, str, dict]] | None = None) -> float:
+    """A rough estimate of the run time: ``OVERHEAD`` x the sum over rows of the warm-up calls and the
+    interleaved samples of the structured layer and nn.Linear (at least ``min_run_time``, at least
+    ``min_samples`` of each), each call costed as nn.Linear's FLOPs at ``rate`` (:func:`matmul_rate`;
+    structured calls are counted as dense ones), plus the peak-memory probe of forward+backward rows and
+    20 ms per row."""
+    rate = matmul_rate() if rate is None else rate
+    cases = _cases(cfg) if cases is None else cases
+    total = 0.0
+    for in_f, out_f in cfg.sizes:
+        for dname in cfg.dtypes:
+            n_cases = sum(1 for label, _, _ in cases
+                          if not (label == "butterfly[fft]" and (in_f != out_f or dname == "bfloat16")))
+            for batch in cfg.batches:
+                for mode in cfg.modes:
+                    call = 2 * in_f * out_f * batch * (3 if mode == "fwdbwd" else 1) / rate + 5e-5
+                    pair = 2 * call
+                    row = 2 * pair + max(cfg.min_run_time, cfg.min_samples * pair) + 0.02
+                    if cfg.memory and mode == "fwdbwd":
+                        row += call + 0.05
+                    total += n_cases * row
+    return OVERHEAD * total
+
+
+def run(cfg: BenchConfig, log: Callable[[str], None] = print, targets: Targets | None = None,
+        on_row: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Run the grid; returns ``{"meta": ..., "rows": [...], "targets": [...]}``. ``on_row(meta, rows)``
+    is called after each measured row (the rows so far), e.g. to save partial results."""
     import deftly.kernels as K
 
     torch.manual_seed(cfg.seed)
@@ -117,6 +177,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print, targets: Targets |
     cases = _cases(cfg)
     meta["hparams"] = {}
     rows: list[dict[str, Any]] = []
+    total_rows = count_rows(cfg, cases, dtypes)
+    t_start = time.perf_counter()
     for in_f, out_f in cfg.sizes:
         for dname in dtypes:
             dt = _dtype(dname)
@@ -143,7 +205,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print, targets: Targets |
                     dfn = _callables(dense, x, mode)
                     dmem = peak_memory(dfn) if (cfg.memory and mode == "fwdbwd") else None
                     dflops = 2 * in_f * out_f * batch * (3 if mode == "fwdbwd" else 1)
-                    log(f"{in_f}x{out_f} {dname} batch {batch} {mode} (load {_load1():.2f})")
+                    log(f"{in_f}x{out_f} {dname} batch {batch} {mode} (load {_load1():.2f}; {len(rows)}/"
+                        f"{total_rows} rows in {time.perf_counter() - t_start:.0f} s)")
                     for label, layer in layers.items():
                         try:
                             fn = _callables(layer, x, mode)
@@ -161,6 +224,8 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print, targets: Targets |
                                    dmem)
                         row["backend"] = _chosen_backend(layer, batch, dt, mode)
                         rows.append(row)
+                        if on_row is not None:
+                            on_row(meta, rows)
                         log(f"  {label:18s} {row['time_ms']:10.3f} ms vs {row['dense_time_ms']:10.3f} ms "
                             f"{row['speedup']:7.2f}x "
                             f"(ideal {row['ideal']:.1f}x, {100 * row['fraction']:.0f}%)  [{row['backend']}]")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "compress a pretrained model (all-MiniLM-L6-v2) to structured layers and heal it by distillation"
 
@@ -50,10 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..train.common import check_counts, check_structures
     from ..train.minilm import MiniLMConfig
     from ..train.minilm import run as run_ml
+    from .train import command_line
 
-    command = "deftly " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("deftly") else None
+    command = command_line(args)
+    check_structures([args.structure], "--structure")  # unknown: the choices and the closest match
+    check_counts("deftly compress minilm", ("max_steps", "probe_limit", "threads"), batch_size=args.batch_size,
+                 max_length=args.max_length, eval_sentences=args.eval_sentences, max_steps=args.max_steps,
+                 probe_limit=args.probe_limit, threads=args.threads)
+    if not 0 < args.lr < float("inf"):
+        raise ValueError(f"--lr {args.lr}: must be a positive number, e.g. 2e-4")
     cfg = MiniLMConfig(structure=args.structure, budget=args.budget, minutes=args.minutes,
                        batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, max_steps=args.max_steps,
                        eval_sentences=args.eval_sentences, probe_limit=args.probe_limit, seed=args.seed,

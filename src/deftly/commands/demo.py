@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from .train import _structures
+
 HELP = "the main job: dense vs structured layers on Fashion-MNIST at ~10 percent of the parameters (minutes)"
 
 DEMO_STRUCTURES = ("dense", "monarch", "lrbd", "lowrank", "blockdiag", "butterfly")
@@ -19,7 +21,7 @@ DEMO_STRUCTURES = ("dense", "monarch", "lrbd", "lowrank", "blockdiag", "butterfl
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--full", action="store_true", help="also run the charlm and minilm recipes (long)")
-    parser.add_argument("--structures", default=None,
+    parser.add_argument("--structures", type=_structures, default=None,
                         help="comma-separated structures or 'all' (default: dense,monarch,lrbd,lowrank,"
                              "blockdiag,butterfly)")
     parser.add_argument("--epochs", type=int, default=2)
@@ -38,16 +40,17 @@ def run(args: argparse.Namespace) -> int:
 
     from ..train.fashion import FashionConfig
     from ..train.fashion import run as run_fm
-    from .train import _resolve, _structures
+    from .train import _resolve, command_line
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    names = _resolve(_structures(args.structures) if args.structures else None, DEMO_STRUCTURES)
+    command = command_line(args)
+    names = _resolve(args.structures, DEMO_STRUCTURES)
     cfg = FashionConfig(structures=names, fraction=args.fraction, model="mlp", width=args.width, depth=3,
                         epochs=args.epochs, threads=args.threads, train_limit=args.train_limit,
                         test_limit=args.test_limit)
     res = run_fm(cfg, out / "fashion-mnist" if args.full else out, resume=args.resume,
-                 progress=not args.quiet, command="deftly demo")
+                 progress=not args.quiet, command=command)
     print(Path(res["out_dir"], "results.md").read_text())
     dirs = [res["out_dir"]]
     if args.full:
@@ -57,12 +60,28 @@ def run(args: argparse.Namespace) -> int:
         from ..train.minilm import run as run_ml
 
         r2 = run_lm(CharLMConfig(threads=args.threads), out / "charlm", resume=args.resume,
-                    progress=not args.quiet, command="deftly demo --full")
+                    progress=not args.quiet, command=command)
         print(Path(r2["out_dir"], "results.md").read_text())
         r3 = run_ml(MiniLMConfig(threads=args.threads), out / "minilm", resume=args.resume,
-                    progress=not args.quiet, command="deftly demo --full")
+                    progress=not args.quiet, command=command)
         print(Path(r3["out_dir"], "results.md").read_text())
         dirs += [r2["out_dir"], r3["out_dir"]]
-    print(f"deftly demo: done in {time.perf_counter() - t0:.0f} s; results in {', '.join(dirs)} "
-          f"(pareto.png: accuracy vs parameters)")
+    print(f"deftly demo: done in {time.perf_counter() - t0:.0f} s; results in {', '.join(dirs)}"
+          + plots_note(dirs[0]))
     return 0
+
+
+def plots_note(run_dir: str) -> str:
+    """`` (pareto.png: ...)`` naming the plots really written in ``run_dir``, or why there are none."""
+    import json
+    from pathlib import Path
+
+    from ..train.results import plots_skipped_reason
+
+    plots = [p for p in json.loads(Path(run_dir, "results.json").read_text()).get("plots", [])
+             if Path(run_dir, p).exists()]
+    if plots:
+        what = {"pareto.png": "accuracy vs parameters", "curves.png": "accuracy per epoch"}
+        return " (" + ", ".join(f"{p}: {what[p]}" if p in what else p for p in plots) + ")"
+    reason = plots_skipped_reason()
+    return f"; plots skipped: {reason}" if reason else "; no plots"

@@ -117,13 +117,21 @@ def run(args: argparse.Namespace) -> int:
 
     names = args.structures or sorted(deftly.structures(), key=lambda n: (n != "dense", n))
     for name in names:
-        deftly.get(name)  # unknown names fail here with the list of choices
+        deftly.get(name)  # unknown names fail here with the list of choices and the closest match
+    if args.picture_size < 1:
+        raise ValueError(f"--picture-size {args.picture_size}: must be >= 1, e.g. 64")
     rows = rows_for(names, args.sizes, args.seed)
     print(format_table(rows))
     bad = [r for r in rows if not r["self_check"] <= 1e-4]
     if args.png:
-        draw(names, args.picture_size, args.png, args.seed)
-        print(f"\nwrote {args.png}")
+        from ..train.results import plots_skipped_reason
+
+        reason = plots_skipped_reason()
+        if reason:
+            print(f"\npicture skipped ({args.png} not written): {reason}")
+        else:
+            draw(names, args.picture_size, args.png, args.seed)
+            print(f"\nwrote {args.png}")
     if bad:
         print(f"self-check FAILED for: {', '.join(r['structure'] + '@' + r['size'] for r in bad)}",
               file=sys.stderr)

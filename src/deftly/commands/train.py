@@ -13,7 +13,16 @@ HELP = "train dense vs structured models on real data (fashion-mnist MLP/Mixer, 
 
 
 def _structures(text: str) -> list[str]:
-    return [s for s in text.replace(",", " ").split() if s]
+    """``--structures``: names separated by commas (spaces allowed); an empty entry (``dense,,monarch``,
+    a trailing comma) is an error, not silently dropped. Names are checked against the registry when the
+    command runs (:func:`_resolve`)."""
+    names: list[str] = []
+    for part in text.split(","):
+        if not part.split():
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty structure name (a stray comma?); use e.g. "
+                                             f"dense,monarch")
+        names += part.split()
+    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm.add_argument("--max-lr-mult", type=_cap, default=1.0,
                     help="cap on the per-factor learning-rate multipliers of the structured models (default 1: "
                          "no factor faster than a dense weight; 'none': the measured multipliers uncapped)")
+    lm.add_argument("--mixer", choices=["attention", "monarch-mixer"], default="attention",
+                    help="sequence mixer of every block: softmax attention (default) or monarch-mixer, the gated "
+                         "long convolution of deftly.mixers (no learned positions, no more parameters)")
     _common(lm, "runs/charlm")
 
 
@@ -83,28 +95,38 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def _resolve(names: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The structures to run: ``default``, every registered one (``all``), or ``names`` checked against
+    the registry (an unknown name is an error naming the closest registered one)."""
     if names is None:
         return default
-    if names == ["all"]:
-        import deftly
+    import deftly
 
+    if names == ["all"]:
         return ("dense", *[n for n in deftly.structures() if n != "dense"])
-    return tuple(names)
+    from ..train.common import check_structures
+
+    return check_structures(names, "--structures")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The full command line of this run (``deftly ARGS``, shell-quoted), for results.json."""
+    import shlex
+
+    return getattr(args, "_command_line", None) or "deftly " + shlex.join(sys.argv[1:])
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import distributed as ddist
 
-    launcher = sys.argv[0] if sys.argv else ""
-    command = ("deftly " + " ".join(sys.argv[1:])) if launcher.endswith(("deftly", "__main__.py")) else None
+    command = command_line(args)
     if args.strategy != "none":
         info = ddist.setup()
         if not info.distributed:
             raise ValueError(f"--strategy {args.strategy} needs several processes: launch with `torchrun "
                              f"--standalone --nproc_per_node=2 -m deftly train {args.recipe} --strategy "
                              f"{args.strategy} ...` (or use --strategy none)")
-        if command is not None:
-            command = f"torchrun --nproc_per_node={info.world_size} -m {command}"
+        command = f"torchrun --standalone --nproc_per_node={info.world_size} -m {command}"
+        args._command_line = command  # what an interrupted run is continued with
     main = ddist.is_main()
     try:
         res = _run_recipe(args, command)
@@ -137,6 +159,6 @@ def _run_recipe(args: argparse.Namespace, command: str | None) -> dict:
                            steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
                            eval_windows=args.eval_windows, seed=args.seed, text_limit=args.text_limit,
                            threads=args.threads, mup=not args.no_mup, max_lr_mult=args.max_lr_mult,
-                           clock=args.clock)
+                           clock=args.clock, mixer=args.mixer)
         return run_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                       strategy=args.strategy)

@@ -9,22 +9,38 @@ A structure subclasses :class:`StructuredLinear`, sets a ``name``, registers its
 * ``param_count`` / ``flop_count`` (classmethods) exact analytic counts, padding included;
 * ``_reset_structure()``    a structure-aware init whose output variance matches ``nn.Linear``.
 
-The base class does the rest: input checks with clear errors, leading batch dimensions, the bias,
-``num_params``/``flops``/``compression``, ``extra_repr`` and the generic test-suite hooks.
+Optionally, fast kernels: a class attribute ``kernels = {name: deftly.kernels.KernelSpec(fn, ...)}`` and a
+method ``_kernel_args()`` returning the tensors and sizes ``fn(x, *args)`` takes (kernels never see the
+layer). The base class does the rest: the choice between ``_matmul``, the kernels and the cached dense
+weight (:mod:`deftly.core.dispatch`, decided once per batch bucket and mode), input checks with clear
+errors, leading batch dimensions, the bias, ``num_params``/``flops``/``compression``, ``extra_repr``
+and the generic test-suite hooks.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from . import dispatch as _dsp
+from .partition import sync_derived_buffers
 from .projection import project_layer_
 
 __all__ = ["StructuredLinear", "check_int", "init_uniform_"]
+
+# per-call checks of the forward, bound once (each is a C call)
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_dispatch_stack = torch._C._len_torch_dispatch_stack
+_any_autocast = torch._C._is_any_autocast_enabled
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_STATE = _dsp.STATE
+_FACTS = _dsp._CACHE_ATTR
 
 
 def check_int(owner: str, name: str, value: Any, *, minimum: int = 1, maximum: int | None = None,
@@ -47,23 +63,45 @@ def check_int(owner: str, name: str, value: Any, *, minimum: int = 1, maximum: i
     return value
 
 
-def init_uniform_(tensor: Tensor, variance: float) -> Tensor:
-    """Fill ``tensor`` in place from a zero-mean uniform law with the given variance.
+def _random_fill_(tensor: Tensor, fill) -> Tensor:
+    """``fill(t)`` draws ``t``'s values in place. A ``DTensor`` (a parameter sharded by FSDP2, e.g. after
+    meta-device deferred init) is drawn as the full tensor on every rank, each keeping its own shard: the
+    values equal an unsharded init under the same seed on any number of ranks (torch's CPU DTensor random
+    ops would draw every shard from the same generator state: identical shards)."""
+    dt = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless this was imported
+    if dt is None or not isinstance(tensor, dt.DTensor):
+        fill(tensor)
+        return tensor
+    full = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.to_local().device)
+    fill(full)
+    tensor.copy_(dt.distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None))
+    return tensor
 
-    Complex tensors split the variance evenly between real and imaginary parts.
+
+def init_uniform_(tensor: Tensor, variance: float, scale: Tensor | None = None) -> Tensor:
+    """Fill ``tensor`` in place from a zero-mean uniform law with the given variance (then multiply by
+    ``scale``, a plain tensor broadcastable to the full shape, e.g. a per-row std times a mask).
+
+    Complex tensors split the variance evenly between real and imaginary parts. Sharded (``DTensor``)
+    parameters get the values of the unsharded init (see :func:`_random_fill_`).
     """
-    with torch.no_grad():
-        if tensor.is_complex():
+
+    def fill(t: Tensor) -> None:
+        if t.is_complex():
             bound = math.sqrt(3.0 * variance / 2.0)
-            real = torch.empty(tensor.shape, dtype=tensor.real.dtype, device=tensor.device)
+            real = torch.empty(t.shape, dtype=t.real.dtype, device=t.device)
             imag = torch.empty_like(real)
             real.uniform_(-bound, bound)
             imag.uniform_(-bound, bound)
-            tensor.copy_(torch.complex(real, imag))
+            t.copy_(torch.complex(real, imag))
         else:
             bound = math.sqrt(3.0 * variance)
-            tensor.uniform_(-bound, bound)
-    return tensor
+            t.uniform_(-bound, bound)
+        if scale is not None:
+            t.mul_(scale.to(device=t.device, dtype=t.dtype))
+
+    with torch.no_grad():
+        return _random_fill_(tensor, fill)
 
 
 class StructuredLinear(nn.Module):
@@ -84,6 +122,9 @@ class StructuredLinear(nn.Module):
     #: the structure adds a fixed (non-learned) map such as an identity residual; the generic
     #: init-variance test compares only the learned part, see :meth:`fixed_residual`
     has_fixed_residual: ClassVar[bool] = False
+    #: the structure's fast multiplies, ``{backend name: deftly.kernels.KernelSpec}``; each is called as
+    #: ``spec.fn(x, *self._kernel_args())`` (see :mod:`deftly.core.dispatch`)
+    kernels: ClassVar[dict[str, Any]] = {}
 
     in_features: int
     out_features: int
@@ -111,6 +152,11 @@ class StructuredLinear(nn.Module):
 
     def _reference_matmul(self, x: Tensor) -> Tensor:  # (batch, in) -> (batch, out)
         raise NotImplementedError
+
+    def _kernel_args(self) -> tuple:
+        """The tensors and sizes the structure's :attr:`kernels` take after ``x`` (read live each call:
+        ``torch.func.functional_call`` swaps parameters)."""
+        raise NotImplementedError(f"{type(self).__name__} declares kernels but no _kernel_args()")
 
     def to_dense(self) -> Tensor:
         """The ``(out_features, in_features)`` weight this layer multiplies by (bias excluded)."""
@@ -181,14 +227,76 @@ class StructuredLinear(nn.Module):
         :meth:`examples`; structures override it with a finer grid (all ranks, all block counts...)."""
         return cls.examples(in_features, out_features)
 
+    @classmethod
+    def shape_score(cls, in_features: int, out_features: int, **hparams: Any) -> float:
+        """How far these hyperparameters are from the shape a practitioner would choose (0 = the
+        structure's published parametrisation; padding, lopsided blocks and extra factors cost more).
+        The budget solver (:func:`deftly.surgery.budget.choose_hparams`) takes, among the candidates
+        that fill the budget nearly as well as the fullest one, the one with the lowest score."""
+        return 0.0
+
     # ------------------------------------------------------------------ shared behaviour
     def reset_parameters(self) -> None:
-        """Structure-aware init (see each structure) and ``nn.Linear``'s bias init."""
+        """Structure-aware init (see each structure) and ``nn.Linear``'s bias init; index buffers are
+        re-derived from sizes (:class:`deftly.core.partition.DerivedBuffers`), so a layer built on the
+        meta device, then ``to_empty(device=...)``, then ``reset_parameters()`` is a correct layer."""
+        sync_derived_buffers(self)
         self._reset_structure()
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             with torch.no_grad():
-                self.bias.uniform_(-bound, bound)
+                _random_fill_(self.bias, lambda t: t.uniform_(-bound, bound))
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # index buffers are not state: re-derive them where the loaded parameters live (assign=True
+        # into a meta-built layer moves the parameters; nothing else would move the buffers)
+        super()._load_from_state_dict(*args, **kwargs)
+        sync_derived_buffers(self)
+        _dsp.drop_facts(self)  # assign=True may change dtype/device or the parameter tensors
+
+    # ------------------------------------------------------------------ dispatch state
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        _dsp.drop_facts(self)  # .to / .half / .cuda / to_empty: new dtype, device or tensors
+        return out
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        d = self.__dict__
+        if _FACTS in d and isinstance(value, (Tensor, nn.Module)):
+            # a new part, a new name, or a tensor of another dtype/device: re-derive the facts (FSDP2 swaps
+            # sharded and unsharded parameters of the same dtype and device every step: kept)
+            old = d["_parameters"].get(name, d["_buffers"].get(name))
+            if isinstance(value, nn.Module) or old is None or old.dtype != value.dtype or \
+                    old.device != value.device:
+                del d[_FACTS]
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop(_FACTS, None)  # never pickled or deep-copied: rebuilt on the next call
+        return state
+
+    @property
+    def kernel_backend(self) -> str | None:
+        """The backend forced for this layer (``None``: the global policy, see :mod:`deftly.kernels`):
+        ``"native"``, ``"dense"`` or a name of :attr:`kernels`; an unknown name is a ``ValueError``."""
+        return self.__dict__.get("kernel_backend")
+
+    @kernel_backend.setter
+    def kernel_backend(self, name: str | None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{type(self).__name__}: kernel_backend must be a str or None, got {name!r}")
+        if name is not None:
+            _dsp.check_layer_backend(self, name)
+        name = None if name == _dsp.AUTO else name
+        self.__dict__["kernel_backend"] = name
+        f = self.__dict__.get(_FACTS)
+        if f is not None:
+            f.select(name)
+
+    @kernel_backend.deleter
+    def kernel_backend(self) -> None:
+        self.kernel_backend = None
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -235,8 +343,55 @@ class StructuredLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(*, in_features) -> (*, out_features)`` without materialising the dense weight."""
-        return self._apply_rows(x, self._matmul)
+        """``(*, in_features) -> (*, out_features)`` without materialising the dense weight.
+
+        The multiply is the backend chosen once per (batch bucket, mode) by :mod:`deftly.core.dispatch`
+        (a kernel, the structure's own ``_matmul`` or the cached dense weight; bias fused where the
+        kernel allows). The fast path checks only the last size, dtype and device against cached facts;
+        the full diagnosis (:meth:`_check_input`) runs when one of them differs."""
+        if _is_compiling():
+            return self._forward_traced(x)
+        f = self.__dict__.get(_FACTS)
+        if f is None or f.gen != _STATE.gen:
+            f = _dsp.facts(self)
+        try:
+            shape, dt = x.shape, x.dtype
+            ok = shape[-1] == f.in_features and (dt is f.dtype or dt is f.cast_from) and x.device == f.device
+        except (AttributeError, IndexError, TypeError):
+            ok = False
+        if ok:
+            if dt is not f.dtype:  # a real input to a complex layer
+                x = x.to(f.dtype)
+        else:
+            x = self._check_input(x)  # raises with the diagnosis, casts, or lets autocast inputs pass
+            shape = x.shape
+            if x.device != f.device or (x.dtype is not f.dtype and x.dtype == self.weight_dtype):
+                _dsp.drop_facts(self)  # parameters changed under the cache (e.g. ``.data = ...``)
+                f = _dsp.facts(self)
+        x2 = x if len(shape) == 2 else x.reshape(-1, f.in_features)
+        if (f.plain_device and x.dtype is f.dtype and not _dispatch_stack() and not _any_autocast()
+                and not _wrapped(x)):
+            train = _grad_enabled() and (x.requires_grad or _dsp.params_need_grad(f))
+            b = x2.shape[0]
+            key = ((b - 1).bit_length() if b > 1 else 0) * 2 + train
+            run = f.routes.get(key) or _dsp.resolve(self, f, key, x2)
+            y = run(self, x2, self._parameters.get("bias"))
+        else:  # functorch transforms, autocast, dispatch modes (FlopCounterMode), meta, parametrizations
+            y = _dsp.route(type(self), _dsp.NATIVE)(self, x2, self.bias)
+        return y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
+
+    def _forward_traced(self, x: Tensor) -> Tensor:
+        """The forward under ``torch.compile``: full checks, the forced or static choice, no caches."""
+        x = self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        bias = self.bias
+        if x.device.type in ("cpu", "cuda") and not torch.nn.utils.parametrize.is_parametrized(self):
+            train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+            y = _dsp.traced_route(self, x2, train)(self, x2, bias)
+        else:
+            y = _dsp.route(type(self), _dsp.NATIVE)(self, x2, bias)
+        return y.reshape(*lead, self.out_features)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """The same map through the slow reference multiply (for tests)."""

@@ -9,6 +9,7 @@ matrix) and is skipped entirely when ``nblocks`` divides ``n``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import lru_cache
 
@@ -16,21 +17,78 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["Partition", "balanced_factors", "ceil_div"]
+__all__ = ["DerivedBuffers", "Partition", "balanced_factors", "ceil_div", "sync_derived_buffers"]
 
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class Partition(nn.Module):
+class DerivedBuffers(nn.Module):
+    """A module whose buffers named by :meth:`_derived_buffers` are functions of its sizes.
+
+    Subclasses return ``{name: CPU tensor or None}`` from ``_derived_buffers()`` (cache the values by
+    size: they are rebuilt often) and register the same names as non-persistent buffers. The values are
+    re-derived after every ``_apply`` (so ``to_empty(device=...)`` never leaves uninitialised memory
+    behind) and by :meth:`rebuild_derived_buffers` (``reset_parameters``, ``load_state_dict``).
+    """
+
+    def _derived_buffers(self) -> dict[str, Tensor | None]:
+        raise NotImplementedError
+
+    def rebuild_derived_buffers(self, device: torch.device | str | None = None) -> None:
+        """Re-derive the buffers on ``device`` (default: where each buffer is now); meta stays meta."""
+        for name, value in self._derived_buffers().items():
+            if value is None:
+                self._buffers[name] = None
+                continue
+            cur = self._buffers.get(name)
+            dev = torch.device(device) if device is not None else (
+                cur.device if cur is not None else torch.device("cpu"))
+            if dev.type == "meta":
+                self._buffers[name] = torch.empty(value.shape, dtype=value.dtype, device=dev)
+            else:  # a private copy: the cached CPU value is shared between modules of the same sizes
+                self._buffers[name] = value.to(dev, copy=True)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self.rebuild_derived_buffers()
+        return out
+
+
+def sync_derived_buffers(module: nn.Module) -> None:
+    """Rebuild every :class:`DerivedBuffers` in ``module`` on the device of ``module``'s parameters
+    (where it has any; otherwise where the buffers are)."""
+    device = next((p.device for p in module.parameters()), None)
+    for m in module.modules():
+        if isinstance(m, DerivedBuffers):
+            m.rebuild_derived_buffers(device)
+
+
+@lru_cache(maxsize=1024)
+def _partition_indices(n: int, nblocks: int) -> tuple[Tensor, Tensor]:
+    """``(real_index (n,), gather_index (nblocks * block,))`` on the CPU (see :class:`Partition`)."""
+    q, r = divmod(n, nblocks)
+    block = q + (1 if r else 0)
+    sizes = [q + 1] * r + [q] * (nblocks - r)
+    real = [b * block + s for b in range(nblocks) for s in range(sizes[b])]
+    gather = [n] * (nblocks * block)  # slot -> feature, n means "the zero column"
+    for f, slot in enumerate(real):
+        gather[slot] = f
+    return (torch.tensor(real, dtype=torch.long, device="cpu"),
+            torch.tensor(gather, dtype=torch.long, device="cpu"))
+
+
+class Partition(DerivedBuffers):
     """``n`` features as ``nblocks`` contiguous blocks padded to a common size ``block``.
 
     ``pad``: ``(*, n) -> (*, nblocks * block)``; ``unpad``: the inverse selection. ``real_index`` gives,
     for each true feature, its slot in the padded layout (``arange(n)`` when ``nblocks`` divides ``n``).
+    Both index buffers are derived from ``(n, nblocks)`` (:class:`DerivedBuffers`); ``device``: where to
+    put them (``"meta"``: shapes only).
     """
 
-    def __init__(self, n: int, nblocks: int) -> None:
+    def __init__(self, n: int, nblocks: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         if nblocks > n:
             raise ValueError(f"cannot split {n} features into nblocks={nblocks} blocks; use nblocks <= {n}")
@@ -42,13 +100,14 @@ class Partition(nn.Module):
         self.exact = r == 0
         #: true size and first feature of each block
         self.sizes = [q + 1] * r + [q] * (nblocks - r)
-        self.starts = [sum(self.sizes[:i]) for i in range(nblocks)]
-        real = [b * self.block + s for b in range(nblocks) for s in range(self.sizes[b])]
-        gather = [n] * self.padded  # slot -> feature, n means "the zero column"
-        for f, slot in enumerate(real):
-            gather[slot] = f
-        self.register_buffer("real_index", torch.tensor(real, dtype=torch.long), persistent=False)
-        self.register_buffer("gather_index", torch.tensor(gather, dtype=torch.long), persistent=False)
+        self.starts = [0, *itertools.accumulate(self.sizes[:-1])]
+        self.register_buffer("real_index", None, persistent=False)
+        self.register_buffer("gather_index", None, persistent=False)
+        self.rebuild_derived_buffers(device)
+
+    def _derived_buffers(self) -> dict[str, Tensor]:
+        real, gather = _partition_indices(self.n, self.nblocks)
+        return {"real_index": real, "gather_index": gather}
 
     def pad(self, x: Tensor) -> Tensor:
         """``(*, n) -> (*, nblocks * block)`` with zeros in the padding slots."""

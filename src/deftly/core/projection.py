@@ -54,13 +54,19 @@ class Calibration:
     objective ``||(W - S) X^T||_F^2 / n = ||(W - S) C^{1/2}||_F^2`` only needs ``C``.
     """
 
-    def __init__(self, inputs: Tensor | None = None, *, in_features: int | None = None) -> None:
+    def __init__(self, inputs: Tensor | None = None, *, in_features: int | None = None,
+                 name: str | None = None) -> None:
         self.in_features = in_features
+        self.name = name  # the layer these inputs feed, named in errors
         self.sum: Tensor | None = None
         self.count = 0
+        self.batches = 0  # calls of add(), including ones with 0 rows
         self._root: tuple[int, Tensor] | None = None
         if inputs is not None:
             self.add(inputs)
+
+    def _where(self) -> str:
+        return f"calibration inputs of layer {self.name!r}" if self.name else "calibration inputs"
 
     @classmethod
     def from_covariance(cls, cov: Tensor, count: int = 1) -> Calibration:
@@ -68,33 +74,57 @@ class Calibration:
         if not isinstance(cov, Tensor) or cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
             raise ValueError(f"Calibration.from_covariance: cov must be a square (in, in) tensor, got "
                              f"{getattr(cov, 'shape', type(cov).__name__)}")
+        if (cov.is_floating_point() or cov.is_complex()) and not bool(torch.isfinite(cov).all()):
+            raise ValueError(f"Calibration.from_covariance: cov has {int((~torch.isfinite(cov)).sum())} "
+                             f"non-finite entries; recompute it from finite inputs")
         cal = cls(in_features=cov.shape[0])
         cal.sum = _hi(cov) * count
         cal.count = int(count)
         return cal
 
     def add(self, inputs: Tensor) -> None:
+        """Accumulate ``inputs: (*, in_features)``. Refuses non-finite values (NaN/inf would make every
+        projection of this layer NaN, or its eigendecomposition fail): the error names the layer and counts
+        them."""
+        where = self._where()
         if not isinstance(inputs, Tensor):
-            raise TypeError(f"calibration inputs must be a torch.Tensor of shape (n_samples, in_features), "
-                            f"got {type(inputs).__name__}")
+            raise TypeError(f"{where} must be a torch.Tensor of shape (n_samples, in_features), got "
+                            f"{type(inputs).__name__}")
         if inputs.dim() == 0:
-            raise ValueError("calibration inputs must have shape (n_samples, in_features); got a 0-d tensor")
+            raise ValueError(f"{where} must have shape (n_samples, in_features); got a 0-d tensor")
         if self.in_features is not None and inputs.shape[-1] != self.in_features:
-            raise ValueError(f"calibration inputs have last dimension {inputs.shape[-1]} but the layer has "
+            raise ValueError(f"{where} have last dimension {inputs.shape[-1]} but the layer has "
                              f"in_features={self.in_features}; pass inputs of shape (n_samples, "
                              f"{self.in_features})")
         self.in_features = inputs.shape[-1]
-        X = _hi(inputs.reshape(-1, inputs.shape[-1]))
+        self.batches += 1
+        X = inputs.detach().reshape(-1, inputs.shape[-1])
+        if X.is_floating_point() or X.is_complex():
+            finite = torch.isfinite(X)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(X).sum())
+                inf = int((~finite).sum()) - nan
+                raise ValueError(f"{where} contain {nan + inf} non-finite value(s) ({nan} NaN, {inf} inf) among "
+                                 f"{X.numel()} in a batch of {X.shape[0]} row(s); clean the calibration data, or "
+                                 f"find where the model upstream of this layer overflows (e.g. run it in "
+                                 f"float32), before projecting")
+        X = _hi(X)
         if X.is_complex():
             X = X.real  # deftly projects real weights; a complex layer still sees these real inputs
         part = X.mT @ X
+        if X.numel() and not bool(torch.isfinite(part).all()):
+            raise ValueError(f"{where}: the second moment X^T X overflows float64 (largest |x| = "
+                             f"{float(X.abs().max()):.3g}); rescale the calibration data")
         self.sum = part if self.sum is None else self.sum + part.to(self.sum.device)
         self.count += X.shape[0]
 
     @property
     def cov(self) -> Tensor:
         if self.sum is None or self.count == 0:
-            raise ValueError("Calibration has no samples yet; add inputs of shape (n_samples, in_features)")
+            if self.batches:
+                raise ValueError(f"{self._where()} are empty (no samples): {self.batches} batch(es) with 0 rows "
+                                 f"were added; pass at least one sample of shape (n_samples, {self.in_features})")
+            raise ValueError(f"{self._where()}: no samples yet; add inputs of shape (n_samples, in_features)")
         return self.sum / self.count
 
     def root(self) -> Tensor:
@@ -107,7 +137,8 @@ class Calibration:
         return self._root[1]
 
     def __repr__(self) -> str:
-        return f"Calibration(in_features={self.in_features}, samples={self.count})"
+        named = f"name={self.name!r}, " if self.name else ""
+        return f"Calibration({named}in_features={self.in_features}, samples={self.count})"
 
 
 def _as_calibration(calibration: Any, in_features: int) -> Calibration | None:

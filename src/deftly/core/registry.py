@@ -72,6 +72,10 @@ def make(name: str, in_features: int, out_features: int, bias: bool = True, *, d
                                                          "device", "dtype")]
         bad = sorted(set(params) - set(valid))
         if bad:
+            import difflib
+
+            close = [m for b in bad for m in difflib.get_close_matches(b, valid, n=1)]
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"structure {name!r} has no parameter {', '.join(map(repr, bad))}; "
-                             f"its parameters are: {', '.join(valid) or '(none)'}")
+                             f"its parameters are: {', '.join(valid) or '(none)'}.{hint}")
     return cls(in_features, out_features, bias, device=device, dtype=dtype, **params)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes
 
 __all__ = ["MissingDataError", "atomic_write_bytes", "cache_dir", "load_cached_npz", "save_cached_npz"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write_bytes, safetensors_torch
+from ..core.files import atomic_write_bytes, safetensors_torch
 
 __all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 

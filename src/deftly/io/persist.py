@@ -15,12 +15,22 @@ linear layer of the right shape, and the weights match the rebuilt model key by 
 so a failed load raises a :class:`DeftlyLoadError` (a ``ValueError``; ``FileNotFoundError`` for missing
 files) naming the file, key, expected and found values, and leaves the model unchanged.
 
-``deftly.densify(model)`` turns every structured layer into an ``nn.Linear`` with ``to_dense()`` as its
-weight, and every adapter into its merged base layer.
+A model built on the meta device (``with torch.device("meta")``, accelerate's ``init_empty_weights``) is
+materialised by ``load``: every meta tensor is replaced by its saved value (on the CPU). Tensors the file
+does not hold (non-persistent buffers such as Hugging Face's ``position_ids``) cannot be materialised, so
+``load`` refuses such a model up front, naming them, and leaves it unchanged.
+
+``deftly.densify(model)`` turns every structured layer back into the dense layer it replaced — an
+``nn.Linear``, or a Hugging Face ``Conv1D`` with its ``(in, out)`` weight layout (surgery records the
+kind; ``deftly.json`` keeps it) — holding ``to_dense()``, and every adapter into its merged base layer.
+
+Hugging Face models: ``deftly.save_pretrained`` / ``deftly.from_pretrained`` (:mod:`deftly.io.hf`) write
+and read this same format next to the model's ``config.json``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -30,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.base import StructuredLinear
+from ..core.files import safetensors_torch, sha256_file
 from ..core.registry import get, make
-from .files import safetensors_torch, sha256_file
 
 __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "DeftlyLoadError", "densify", "load", "save"]
 
@@ -91,6 +101,7 @@ def _atomic_write(path: Path, write) -> None:
 # ---------------------------------------------------------------------------------------------- save
 def _entries(model: nn.Module) -> list[dict[str, Any]]:
     from ..surgery.adapters import StructuredAdapter
+    from ..surgery.marks import original_kind
     from ..surgery.modules import is_conv1d, structured_modules
 
     out = []
@@ -101,12 +112,12 @@ def _entries(model: nn.Module) -> list[dict[str, Any]]:
                         "in_features": d.in_features, "out_features": d.out_features,
                         "base": "Conv1D" if is_conv1d(mod.base) else type(mod.base).__name__,
                         "scale": mod.scale, "merged": mod.merged, "anchored": mod.anchor is not None,
-                        "dtype": _dtype_name(d.weight_dtype)})
+                        "base_requires_grad": dict(mod.base_requires_grad), "dtype": _dtype_name(d.weight_dtype)})
         else:
             out.append({"name": name, "kind": "structured", "structure": mod.name,
                         "hparams": _jsonable(mod.hparams()), "in_features": mod.in_features,
                         "out_features": mod.out_features, "bias": mod.bias is not None,
-                        "dtype": _dtype_name(mod.weight_dtype)})
+                        "original_kind": original_kind(mod), "dtype": _dtype_name(mod.weight_dtype)})
     return out
 
 
@@ -115,12 +126,23 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     Returns the directory. Files are written atomically (temporary file + rename). No pickle.
     """
+    return write(model, directory)
+
+
+def write(model: nn.Module, directory: str | os.PathLike, *, weights_file: str = WEIGHTS_FILE,
+          extra: dict[str, Any] | None = None, who: str = "deftly.save") -> Path:
+    """:func:`save` with another weights file name and extra JSON entries in ``deftly.json`` (used by
+    :func:`deftly.save_pretrained`)."""
     st = safetensors_torch("deftly.save/load")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"deftly.save: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{who}: model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(directory)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"deftly.save: {path} exists and is not a directory")
+        raise NotADirectoryError(f"{who}: {path} exists and is not a directory")
+    meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(f"{who}: {len(meta)} tensor(s) of the model are on the meta device and hold no values "
+                         f"(e.g. {meta[0]!r}); materialise the model (load or initialise its weights) first")
     path.mkdir(parents=True, exist_ok=True)
     entries = _entries(model)
     state = model.state_dict()
@@ -138,12 +160,13 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
             seen[ident] = key
         tensors[key] = t.to("cpu").contiguous().clone() if t.device.type != "cpu" or not t.is_contiguous() \
             else t.contiguous()
-    weights = path / WEIGHTS_FILE
+    weights = path / weights_file
     _atomic_write(weights, lambda p: st.save_file(tensors, str(p), metadata={"format": FORMAT}))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "deftly_version": _version(),
               "torch_version": torch.__version__, "model_class": type(model).__name__, "layers": entries,
-              "weights": {"file": WEIGHTS_FILE, "bytes": weights.stat().st_size, "sha256": sha256_file(weights),
+              "weights": {"file": weights_file, "bytes": weights.stat().st_size, "sha256": sha256_file(weights),
                           "tensors": len(tensors), "aliases": aliases}}
+    config.update(extra or {})
     _atomic_write(path / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return path
 
@@ -208,6 +231,7 @@ def _read_weights(path: Path, cfg: dict[str, Any]) -> dict[str, Tensor]:
 
 def _build_entry(model: nn.Module, entry: Any, i: int, cfg_file: Path) -> tuple[str, nn.Module]:
     from ..surgery.adapters import StructuredAdapter
+    from ..surgery.marks import ORIGINAL_KINDS
     from ..surgery.modules import is_linear_like, linear_modules, linear_shape
 
     where = f"{cfg_file}: layers[{i}]"
@@ -253,10 +277,17 @@ def _build_entry(model: nn.Module, entry: Any, i: int, cfg_file: Path) -> tuple[
     if not isinstance(dtype, torch.dtype):
         dtype = None
     device = next((t.device for t in current.parameters()), None)
+    if device is not None and device.type == "meta":  # a meta-built model: new layers are filled from the file
+        device = torch.device("cpu")
+    okind = entry.get("original_kind", "Linear")
+    if okind not in ORIGINAL_KINDS:
+        raise DeftlyLoadError(f"deftly.load: {where}: original_kind={okind!r} is not one of "
+                              f"{', '.join(ORIGINAL_KINDS)}")
     try:
         if kind == "structured":
             layer = make(structure, in_f, out_f, bias=bool(entry.get("bias", True)), device=device, dtype=dtype,
                          **hp)
+            layer.original_kind = okind
             return name, layer
         if kind == "adapter":
             if isinstance(current, StructuredLinear):
@@ -268,6 +299,9 @@ def _build_entry(model: nn.Module, entry: Any, i: int, cfg_file: Path) -> tuple[
             adapter = StructuredAdapter(current, delta, float(entry.get("scale", 1.0)), anchor=anchor,
                                         freeze_base=False)
             adapter.merged = bool(entry.get("merged", False))
+            grads = entry.get("base_requires_grad")
+            if isinstance(grads, dict):
+                adapter.base_requires_grad = {k: bool(v) for k, v in grads.items()}
             return name, adapter
     except DeftlyLoadError:
         raise
@@ -324,46 +358,128 @@ def load(model: nn.Module, directory: str | os.PathLike, *, strict: bool = True)
             raise DeftlyLoadError(f"deftly.load: weight {key!r} in {wfile} has dtype {tensors[key].dtype}, the "
                                   f"model expects {t.dtype} (from {cfg_file}); cast the model first "
                                   f"(model.to({tensors[key].dtype})) if that is what you want")
+    _check_meta(model, names, built, expected, tensors, wfile)
     # all checks passed: swap the modules and load
     from ..surgery.adapters import StructuredAdapter
+    from ..surgery.marks import guard_save_pretrained
     from ..surgery.modules import set_module
 
-    old = []
+    old: list[tuple[str, nn.Module]] = []
+    filled: list[tuple[dict, str, Tensor]] = []
     try:
         for n, layer in built:
             old.append((n, set_module(model, n, layer)))
             if isinstance(layer, StructuredAdapter):
                 for prm in layer.base.parameters():
                     prm.requires_grad_(False)
+        _materialise_meta(model, tensors, filled)
         model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
     except Exception:
+        for slots, key, t in reversed(filled):
+            slots[key] = t
         for n, mod in reversed(old):
             set_module(model, n, mod)
         raise
+    if built:
+        guard_save_pretrained(model)  # transformers' own save_pretrained would lose the structure
     return model
+
+
+def _check_meta(model: nn.Module, names: list[str], built: list[tuple[str, nn.Module]],
+                expected: dict[str, Tensor], tensors: dict[str, Tensor], wfile: Path) -> None:
+    """Refuse (before anything changes) a meta-device model whose meta tensors the file cannot fill."""
+    def replaced(key: str) -> bool:
+        return any(key.startswith(n + ".") for n in names)
+
+    empty = [k for k, t in expected.items() if t.is_meta and k not in tensors]
+    persistent = set(model.state_dict())
+    empty += [k for k, b in model.named_buffers(remove_duplicate=False)
+              if b.is_meta and k not in persistent and not replaced(k)]
+    for n, layer in built:
+        keys = set(layer.state_dict())
+        empty += [f"{n}.{k}" for k, b in layer.named_buffers(remove_duplicate=False) if b.is_meta and k not in keys]
+    if empty:
+        shown = ", ".join(empty[:6]) + (f" ... ({len(empty) - 6} more)" if len(empty) > 6 else "")
+        raise DeftlyLoadError(f"deftly.load: the model ({type(model).__name__}) has tensors on the meta device "
+                              f"that {wfile} cannot fill: {shown} (non-persistent buffers are never saved). "
+                              f"Build the model on a real device, or with its buffers materialised (accelerate's "
+                              f"init_empty_weights(include_buffers=False)); the model was not changed")
+
+
+def _materialise_meta(model: nn.Module, tensors: dict[str, Tensor], filled: list) -> None:
+    """Replace every meta parameter / buffer by its saved tensor (tied ones stay tied); ``filled`` records
+    ``(slots, name, old)`` so that a failure can put the meta tensors back."""
+    new: dict[int, Tensor] = {}
+    used: set[int] = set()
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for slots, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for key, t in list(slots.items()):
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in new:
+                    src = tensors[f"{prefix}.{key}" if prefix else key]
+                    src = src.clone() if id(src) in used else src  # tied in the file, not in the model
+                    used.add(id(src))
+                    new[id(t)] = nn.Parameter(src, requires_grad=t.requires_grad) if is_param else src
+                filled.append((slots, key, t))
+                slots[key] = new[id(t)]
 
 
 # ---------------------------------------------------------------------------------------------- densify
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every structured layer by an ``nn.Linear`` holding ``to_dense()`` (and every adapter by its
-    merged base layer), in place; returns ``model``. The forward is unchanged up to rounding."""
+    """Replace every structured layer by the dense layer it replaced — ``nn.Linear``, or a Hugging Face
+    ``Conv1D`` (weight stored ``(in, out)``) when surgery replaced one — holding ``to_dense()`` and the
+    bias, and every adapter by its merged base layer; in place, returns ``model``. The forward is
+    unchanged up to rounding; a frozen structured layer gives a frozen dense one. Every layer is built
+    before the first swap: an error leaves the model unchanged."""
     from ..surgery.adapters import StructuredAdapter
+    from ..surgery.marks import original_kind
     from ..surgery.modules import set_module, structured_modules
 
+    new: list[tuple[str, nn.Module]] = []
     for name, mod in structured_modules(model):
         if isinstance(mod, StructuredAdapter):
-            set_module(model, name, mod.merged_linear())
+            new.append((name, mod.merged_linear()))
             continue
+        kind = original_kind(mod)
         with torch.no_grad():
             W = mod.to_dense()
             if W.is_complex():
-                raise ValueError(f"deftly.densify: layer {name!r} ({mod.name}) has a complex weight; nn.Linear "
-                                 f"cannot hold it")
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=W.device,
-                            dtype=W.dtype)
-            lin.weight.copy_(W)
-            if mod.bias is not None:
-                lin.bias.copy_(mod.bias)
-        lin.train(mod.training)
-        set_module(model, name, lin)
+                raise ValueError(f"deftly.densify: layer {name!r} ({mod.name or type(mod).__name__}) has a complex "
+                                 f"weight; a dense {kind} cannot hold it")
+            b = mod.bias.detach() if mod.bias is not None else None
+            dense = _conv1d(name, W, b) if kind == "Conv1D" else _linear(W, b)
+        dense.requires_grad_(any(p.requires_grad for p in mod.parameters()))
+        dense.train(mod.training)
+        new.append((name, dense))
+    for name, dense in new:
+        set_module(model, name, dense)
     return model
+
+
+def _linear(W: Tensor, b: Tensor | None) -> nn.Linear:
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device="meta", dtype=W.dtype)
+    lin.to_empty(device=W.device)
+    lin.weight.copy_(W)
+    if b is not None:
+        lin.bias.copy_(b)
+    return lin
+
+
+def _conv1d(name: str, W: Tensor, b: Tensor | None) -> nn.Module:
+    """A Hugging Face ``Conv1D`` computing ``x @ W.T + b`` (its weight is ``W.T``, ``(in, out)``)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        raise ImportError(f"deftly.densify: layer {name!r} replaced a Hugging Face Conv1D; rebuilding it needs "
+                          f"transformers (pip install transformers)") from None
+    with torch.device("meta"):
+        conv = Conv1D(W.shape[0], W.shape[1])  # nf = out, nx = in
+    conv.to_empty(device=W.device)
+    conv.to(W.dtype)
+    conv.weight.copy_(W.T)
+    if b is not None:
+        conv.bias.copy_(b)
+    else:
+        conv.bias.zero_()
+    return conv

@@ -21,15 +21,22 @@ import torch
 from torch import Tensor
 
 from . import _pool
-from ._transpose import pretransposed
+from ._common import needs_grad, pad_cols
+from ._transpose import cached_transpose, pretransposed
 
 __all__ = [
     "BlockDiagFunction",
     "blockdiag_apply",
     "blockdiag_backward",
     "blockdiag_forward",
+    "blockdiag_matmul",
+    "blockdiag_matmul_strided",
+    "blockdiag_matmul_triton",
     "blockdiag_native",
 ]
+
+#: at most this many rows take the plain ``bmm`` forward when no gradient is needed
+SMALL_BATCH = 64
 
 
 def _bmm_to_rows(a: Tensor, b: Tensor, batch: int, strided: bool) -> Tensor:
@@ -149,3 +156,65 @@ def blockdiag_apply(x: Tensor, weight: Tensor, strided: bool = False) -> Tensor:
     if torch.compiler.is_compiling():
         return _blockdiag_op(x, weight)
     return BlockDiagFunction.apply(x, weight, strided)
+
+
+def _small_forward(x: Tensor, weight: Tensor, out_index: Tensor | None, bias: Tensor | None) -> Tensor:
+    """One ``bmm`` on the strided view, the bias added in the same op (``baddbmm`` at batch 1, where the
+    ``(k, 1, q)`` result already is the ``(1, k*q)`` output) or fused with the layout copy."""
+    k, q, p = weight.shape
+    batch = x.shape[0]
+    xb = x.reshape(batch, k, p).transpose(0, 1)  # (k, batch, p)
+    fuse = bias is not None and out_index is None and bias.dtype == x.dtype
+    if fuse and batch == 1:
+        return torch.baddbmm(bias.view(k, 1, q), xb, cached_transpose(weight)).view(1, k * q)
+    yv = torch.bmm(xb, cached_transpose(weight)).transpose(0, 1)  # (batch, k, q)
+    if fuse:
+        return torch.add(bias.view(k, q), yv).reshape(batch, k * q)  # bias first: contiguous out
+    y = yv.reshape(batch, k * q)
+    if out_index is not None:
+        y = y.index_select(1, out_index)
+    return y if bias is None else y + bias
+
+
+def blockdiag_matmul(x: Tensor, weight: Tensor, in_index: Tensor | None, out_index: Tensor | None,
+                     bias: Tensor | None = None, strided: bool = False) -> Tensor:
+    """The block-diagonal layer's multiply ``(batch, in) -> (batch, out)`` (+ ``bias``).
+
+    ``in_index`` / ``out_index``: the partitions' gather / real indices when the blocks pad (None when
+    they do not). Under ``torch.compile``: the custom op; with a gradient needed: :class:`BlockDiagFunction`
+    (pooled, hand-written backward); otherwise the forward alone (one ``bmm`` on the strided view for a few
+    rows, the pooled layout for more).
+    """
+    x = pad_cols(x, in_index)
+    if torch.compiler.is_compiling():
+        y = _blockdiag_op(x, weight)
+    elif needs_grad(x, weight):
+        y = BlockDiagFunction.apply(x, weight, strided)
+    elif x.shape[0] <= SMALL_BATCH and not strided:
+        return _small_forward(x, weight, out_index, bias)
+    else:
+        y = blockdiag_forward(x, weight, strided)  # a fresh buffer: the bias may be added in place
+        if out_index is not None:
+            y = y.index_select(1, out_index)
+        if bias is None:
+            return y
+        return y.add_(bias) if bias.dtype == y.dtype else y + bias
+    if out_index is not None:
+        y = y.index_select(1, out_index)
+    return y if bias is None else y + bias
+
+
+def blockdiag_matmul_strided(x: Tensor, weight: Tensor, in_index: Tensor | None, out_index: Tensor | None,
+                             bias: Tensor | None = None) -> Tensor:
+    """:func:`blockdiag_matmul` with ``bmm`` writing straight into the strided output (CPU torch then
+    loops block by block: measured erratic, so only when forced)."""
+    return blockdiag_matmul(x, weight, in_index, out_index, bias, strided=True)
+
+
+def blockdiag_matmul_triton(x: Tensor, weight: Tensor, in_index: Tensor | None, out_index: Tensor | None
+                            ) -> Tensor:
+    """:func:`blockdiag_matmul` through the Triton kernels (CUDA, or the interpreter)."""
+    from .triton_kernels import blockdiag_triton
+
+    y = blockdiag_triton(pad_cols(x, in_index), weight)
+    return y if out_index is None else y.index_select(1, out_index)

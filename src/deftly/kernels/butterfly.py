@@ -12,7 +12,13 @@ at matmul speed.
 
 Building ``M_lo``/``M_hi`` from the twiddles is itself the radix-2 product applied to ``C1`` (``C2``)
 indicator columns, differentiable, so training needs no
-hand-written backward. With gradients off the blocks are cached per parameter version.
+hand-written backward. With gradients off the blocks are cached per twiddle tensor and version.
+
+Contract with :mod:`deftly.layers.butterfly` (the kernel takes tensors and sizes, never the layer):
+``twiddle (depth, log n, n/2, 2, 2)``, factor ``j`` of butterfly ``d`` has stride ``2**j`` and the
+factors of butterfly ``d`` apply in increasing stride order for even ``d``, decreasing for odd ``d``;
+the input is zero-padded to ``n`` and, unless ``perm == "none"``, gathered through ``gather_index``
+from ``[x, 0]``.
 
 State layout: the batch axis is kept fastest between the two ``bmm``s (each reads the previous output
 as a strided BLAS operand, no copy); the last ``bmm`` of the last butterfly writes batch-major and one
@@ -27,14 +33,29 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["butterfly_blocked_matmul", "butterfly_blocks", "split_bits"]
+__all__ = ["butterfly_blocks", "butterfly_flops", "butterfly_matmul", "clear_cache", "split_bits"]
 
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# id(twiddle) -> (weak reference to it, version key, blocks)
+_CACHE: dict[int, tuple] = {}
 
 
 def split_bits(log_n: int) -> int:
     """Number of low bits ``k1`` (``C1 = 2**k1``)."""
     return (log_n + 1) // 2
+
+
+def butterfly_flops(n: int, depth: int, complex_: bool, batch: int) -> float:
+    """FLOPs of :func:`butterfly_matmul`: the two block products per butterfly, x4 for complex."""
+    log_n = n.bit_length() - 1
+    c1 = 1 << split_bits(log_n)
+    c2 = n // c1
+    return 2.0 * batch * depth * n * (c1 + c2) * (4 if complex_ else 1)
+
+
+def _strides(d: int, log_n: int) -> list[int]:
+    """Factor indices ``j`` (stride ``2**j``) of butterfly ``d`` in the order they are applied."""
+    order = list(range(log_n))
+    return order if d % 2 == 0 else order[::-1]
 
 
 def _stage(h: Tensor, tw: Tensor, stride: int) -> Tensor:
@@ -67,12 +88,12 @@ def _group_blocks(tw: Tensor, strides: list[int], n: int, low: bool, k1: int) ->
     return e.view(C2, C1, C2).transpose(0, 1)  # (c1, c2_out, m)
 
 
-def _steps(layer) -> list[tuple[int, bool, list[int]]]:
+def _steps(depth: int, log_n: int) -> list[tuple[int, bool, list[int]]]:
     """``(d, low, strides)`` for every group, in application order."""
-    k1 = split_bits(layer.log_n)
+    k1 = split_bits(log_n)
     out = []
-    for d in range(layer.depth):
-        order = layer._strides(d)
+    for d in range(depth):
+        order = _strides(d, log_n)
         lo = [j for j in order if j < k1]
         hi = [j for j in order if j >= k1]
         groups = [(True, lo), (False, hi)] if (order and order[0] < k1) else [(False, hi), (True, lo)]
@@ -80,40 +101,60 @@ def _steps(layer) -> list[tuple[int, bool, list[int]]]:
     return out
 
 
-def _versions(layer) -> tuple:
-    tw = layer.twiddle
-    return (tw._version, tw.data_ptr(), tw.dtype, tw.device, tuple(tw.shape))
+def _folds_bitrev(perm: str, log_n: int) -> bool:
+    """The bit-reversal input permutation is folded into the blocks (the exact FFT's ``perm="bitrev"``)
+    when the first group of the first butterfly is the low one (always, for strides 1, 2, ...)."""
+    return perm == "bitrev" and log_n >= 2
 
 
-def butterfly_blocks(layer) -> list[tuple[bool, Tensor]]:
+def _drop(ref: weakref.ref, key: int) -> None:
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is ref:
+        del _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Forget every cached set of blocks."""
+    _CACHE.clear()
+
+
+def butterfly_blocks(twiddle: Tensor, perm: str = "none") -> list[tuple[bool, Tensor]]:
     """``[(low, blocks), ...]`` for every group in application order; cached when gradients are off."""
-    tw = layer.twiddle
-    cacheable = not (torch.is_grad_enabled() and tw.requires_grad)
+    depth, log_n = twiddle.shape[0], twiddle.shape[1]
+    n = 2 * twiddle.shape[2]
+    cacheable = not (torch.is_grad_enabled() and twiddle.requires_grad)
     if cacheable:
         try:
-            key = _versions(layer)
+            key = (twiddle._version, twiddle.data_ptr(), twiddle.dtype, twiddle.device, perm)
         except RuntimeError:  # inference tensors have no version counter
             cacheable = False
     if cacheable:
-        hit = _CACHE.get(layer)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-    k1 = split_bits(layer.log_n)
-    blocks = [(low, _group_blocks(tw[d], js, layer.n, low, k1)) for d, low, js in _steps(layer)]
-    if _folds_bitrev(layer):
-        blocks = _fold_bitrev(blocks, k1, layer.log_n - k1)
+        hit = _CACHE.get(id(twiddle))
+        if hit is not None and hit[0]() is twiddle and hit[1] == key:
+            return hit[2]
+    k1 = split_bits(log_n)
+    blocks = [(low, _group_blocks(twiddle[d], js, n, low, k1)) for d, low, js in _steps(depth, log_n)]
+    if _folds_bitrev(perm, log_n):
+        blocks = _fold_bitrev(blocks, k1, log_n - k1)
     if cacheable:
-        _CACHE[layer] = (key, blocks)
+        tid = id(twiddle)
+        _CACHE[tid] = (weakref.ref(twiddle, lambda r, tid=tid: _drop(r, tid)), key, blocks)
     return blocks
 
 
-def butterfly_blocked_matmul(layer, x: Tensor) -> Tensor:
-    """Same map as ``Butterfly._matmul``: ``(batch, in) -> (batch, out)``."""
-    h = _prepare_bitrev(layer, x) if _folds_bitrev(layer) else _prepare(layer, x)  # (batch, n)
-    batch, n = h.shape
-    k1 = split_bits(layer.log_n)
+def butterfly_matmul(x: Tensor, twiddle: Tensor, gather_index: Tensor | None, in_features: int,
+                     out_features: int, perm: str, real_output: bool) -> Tensor:
+    """The butterfly layer's multiply ``(batch, in) -> (batch, out)`` (see the module doc's contract)."""
+    log_n = twiddle.shape[1]
+    n = 2 * twiddle.shape[2]
+    if _folds_bitrev(perm, log_n):
+        h = _prepare_bitrev(x, twiddle.dtype, in_features, n, log_n)
+    else:
+        h = _prepare(x, twiddle.dtype, gather_index, in_features, n, perm)  # (batch, n)
+    batch = h.shape[0]
+    k1 = split_bits(log_n)
     C1, C2 = 1 << k1, n // (1 << k1)
-    blocks = butterfly_blocks(layer)
+    blocks = butterfly_blocks(twiddle, perm)
     # the state as a view with axes (c2, c1, batch), whatever its storage order
     state = h.view(batch, C2, C1).permute(1, 2, 0)
     last = len(blocks) - 1
@@ -132,8 +173,8 @@ def butterfly_blocked_matmul(layer, x: Tensor) -> Tensor:
                 y = _Transpose2D.apply(out.view(C1, batch * C2)).view(batch, n)
     if y is None:  # no factors (n = 1 cannot happen: n >= 2), kept for safety
         y = h
-    y = y[:, :layer.out_features]
-    return y.real if layer.real_output else y
+    y = y[:, :out_features]
+    return y.real if real_output else y
 
 
 class _Transpose2D(torch.autograd.Function):
@@ -160,12 +201,6 @@ def _bitrev(m: int) -> Tensor:
     return rev
 
 
-def _folds_bitrev(layer) -> bool:
-    """The bit-reversal input permutation is folded into the blocks (the exact FFT's ``perm="bitrev"``)
-    when the first group of the first butterfly is the low one (always, for strides 1, 2, ...)."""
-    return layer.perm == "bitrev" and layer.log_n >= 2
-
-
 def _fold_bitrev(blocks: list, k1: int, k2: int) -> list:
     """Bit reversal of ``pos = c2*C1 + c1`` reads input ``rev_k1(c1) * C2 + rev_k2(c2)``: a transpose of
     the ``(C1, C2)`` tile of each input row (:func:`_prepare_bitrev`, fused with the cast) plus a
@@ -184,25 +219,26 @@ def _fold_bitrev(blocks: list, k1: int, k2: int) -> list:
     return out
 
 
-def _prepare_bitrev(layer, x: Tensor) -> Tensor:
+def _prepare_bitrev(x: Tensor, dtype: torch.dtype, in_features: int, n: int, log_n: int) -> Tensor:
     """Zero-padded input with each row's ``(C1, C2)`` tile transposed, in the twiddle dtype: one copy
     (the folded equivalent of the bit-reversal gather plus the cast)."""
-    if layer.in_features != layer.n:
-        x = F.pad(x, (0, layer.n - layer.in_features))
+    if in_features != n:
+        x = F.pad(x, (0, n - in_features))
     batch = x.shape[0]
-    k1 = split_bits(layer.log_n)
-    C1, C2 = 1 << k1, layer.n >> k1
-    out = torch.empty(batch, C2, C1, dtype=layer.twiddle.dtype, device=x.device)
+    k1 = split_bits(log_n)
+    C1, C2 = 1 << k1, n >> k1
+    out = torch.empty(batch, C2, C1, dtype=dtype, device=x.device)
     out.copy_(x.reshape(batch, C1, C2).transpose(1, 2))
-    return out.view(batch, layer.n)
+    return out.view(batch, n)
 
 
-def _prepare(layer, x: Tensor) -> Tensor:
+def _prepare(x: Tensor, dtype: torch.dtype, gather_index: Tensor | None, in_features: int, n: int,
+             perm: str) -> Tensor:
     """Zero-pad to ``n``, apply the fixed input permutation, cast to the twiddle dtype (gather before the
     cast: on a real input it moves half the bytes)."""
-    if layer.perm != "none":  # gather from [x, 0]: padding slots read the appended zero column
-        src = x if layer.in_features == layer.n else F.pad(x, (0, 1))
-        x = src.index_select(1, layer.gather_index)
-    elif layer.in_features != layer.n:
-        x = F.pad(x, (0, layer.n - layer.in_features))
-    return x.to(layer.twiddle.dtype)
+    if perm != "none":  # gather from [x, 0]: padding slots read the appended zero column
+        src = x if in_features == n else F.pad(x, (0, 1))
+        x = src.index_select(1, gather_index)
+    elif in_features != n:
+        x = F.pad(x, (0, n - in_features))
+    return x.to(dtype)

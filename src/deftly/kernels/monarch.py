@@ -25,9 +25,15 @@ import torch
 from torch import Tensor
 
 from . import _pool
-from ._transpose import pretransposed, transpose_into
+from ._common import needs_grad, pad_cols
+from ._transpose import cached_transpose, pretransposed, transpose_into
 
-__all__ = ["MonarchFunction", "monarch_apply", "monarch_backward", "monarch_forward", "monarch_native"]
+__all__ = ["MonarchFunction", "monarch_apply", "monarch_backward", "monarch_forward", "monarch_matmul",
+           "monarch_matmul_triton", "monarch_native"]
+
+#: at most this many rows take the plain two-bmm forward when no gradient is needed (no buffer pool, no
+#: autograd.Function: at batch 1 the op count is the cost)
+SMALL_BATCH = 16
 
 
 
@@ -192,3 +198,58 @@ def monarch_apply(x: Tensor, R: Tensor, L: Tensor, rank: int) -> Tensor:
     if torch.compiler.is_compiling():
         return _monarch_op(x, R, L, rank)[0]
     return MonarchFunction.apply(x, R, L, rank)
+
+
+def _small_forward(x: Tensor, R: Tensor, L: Tensor, rank: int, out_features: int, bias: Tensor | None
+                   ) -> Tensor:
+    """Two ``bmm``'s, the output permutation fused with the bias add (no gradient, few rows)."""
+    k, _lr, p = R.shape
+    l, s, kr = L.shape
+    batch = x.shape[0]
+    h = torch.bmm(x.reshape(batch, k, p).transpose(0, 1), cached_transpose(R))  # (k, batch, l*r)
+    # a copy: for r = 1 the reshape is a view without unit-stride rows, which CPU bmm loops over
+    h = h.view(k, batch, l, rank).permute(2, 1, 0, 3).reshape(l, batch, kr).contiguous()
+    yv = torch.bmm(h, cached_transpose(L)).permute(1, 2, 0)  # (batch, s, l): index s'*l + j
+    if s * l == out_features and bias is not None and bias.dtype == yv.dtype:
+        return torch.add(bias.view(s, l), yv).reshape(batch, out_features)  # bias first: contiguous out
+    y = yv.reshape(batch, s * l)
+    if s * l != out_features:
+        y = y[:, :out_features]
+    return y if bias is None else y + bias
+
+
+def monarch_matmul(x: Tensor, R: Tensor, L: Tensor, rank: int, out_features: int, in_index: Tensor | None,
+                   bias: Tensor | None = None) -> Tensor:
+    """The Monarch layer's multiply ``(batch, in) -> (batch, out)`` (+ ``bias``).
+
+    ``in_index``: the partition's gather index when the blocks pad the input (None when they do not).
+    Under ``torch.compile``: the custom op; with a gradient needed: :class:`MonarchFunction` (hand-written
+    backward); otherwise the forward alone (two ``bmm``'s on views for a few rows, the pooled
+    copy-avoiding layout for more).
+    """
+    x = pad_cols(x, in_index)
+    if torch.compiler.is_compiling():
+        y = _monarch_op(x, R, L, rank)[0]
+    elif needs_grad(x, R, L):
+        y = MonarchFunction.apply(x, R, L, rank)
+    elif x.shape[0] <= SMALL_BATCH:
+        return _small_forward(x, R, L, rank, out_features, bias)
+    else:
+        y = monarch_forward(x, R, L, rank)[0]  # a fresh buffer: the bias may be added in place
+        if y.shape[1] != out_features:
+            y = y[:, :out_features]
+        if bias is None:
+            return y
+        return y.add_(bias) if bias.dtype == y.dtype else y + bias
+    if y.shape[1] != out_features:
+        y = y[:, :out_features]
+    return y if bias is None else y + bias
+
+
+def monarch_matmul_triton(x: Tensor, R: Tensor, L: Tensor, rank: int, out_features: int,
+                          in_index: Tensor | None) -> Tensor:
+    """:func:`monarch_matmul` through the Triton kernels (CUDA, or the interpreter)."""
+    from .triton_kernels import monarch_triton
+
+    y = monarch_triton(pad_cols(x, in_index), R, L, rank)
+    return y[:, :out_features] if y.shape[1] != out_features else y

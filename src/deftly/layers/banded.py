@@ -143,27 +143,21 @@ class Banded(StructuredLinear):
         std = (1.0 / (3.0 * nnz.to(torch.float64))).sqrt()  # per-row std
         with torch.no_grad():
             # unit-variance uniform, then per-row std, then corners zeroed
-            init_uniform_(self.weight, 1.0)
-            self.weight.mul_((std.unsqueeze(0) * mask).to(self.weight.dtype))
+            init_uniform_(self.weight, 1.0, scale=std.unsqueeze(0) * mask)
 
     # ------------------------------------------------------------------ multiplies
     def _matmul(self, x: Tensor) -> Tensor:
-        def native(x: Tensor) -> Tensor:  # this structure's own multiply
-            out, ndiag = self.out_features, self.lower + self.upper + 1
-            right = max(0, out + self.upper - self.in_features)
-            xp = F.pad(x, (self.lower, right))  # (batch, lower + in + right): x_pad[i + d] = x[i + d - lower]
-            y = None
-            for c in range(0, ndiag, _CHUNK):
-                g = min(_CHUNK, ndiag - c)
-                win = xp[:, c:c + out + g - 1].unfold(-1, g, 1)  # (batch, out, g): win[:, i, t] = x_pad[i+c+t]
-                w = self.weight[c:c + g].T.unsqueeze(-1)  # (out, g, 1)
-                part = torch.bmm(win.transpose(0, 1), w)  # (out, batch, 1): one dot product per output row
-                y = part if y is None else y + part
-            return y.squeeze(-1).T  # (batch, out)
-
-        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
-
-        return matmul(self, x, native)
+        out, ndiag = self.out_features, self.lower + self.upper + 1
+        right = max(0, out + self.upper - self.in_features)
+        xp = F.pad(x, (self.lower, right))  # (batch, lower + in + right): x_pad[i + d] = x[i + d - lower]
+        y = None
+        for c in range(0, ndiag, _CHUNK):
+            g = min(_CHUNK, ndiag - c)
+            win = xp[:, c:c + out + g - 1].unfold(-1, g, 1)  # (batch, out, g): win[:, i, t] = x_pad[i+c+t]
+            w = self.weight[c:c + g].T.unsqueeze(-1)  # (out, g, 1)
+            part = torch.bmm(win.transpose(0, 1), w)  # (out, batch, 1): one dot product per output row
+            y = part if y is None else y + part
+        return y.squeeze(-1).T  # (batch, out)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # one diagonal at a time, only its in-rectangle span, no padding

@@ -87,23 +87,17 @@ class BlockTridiagonal(StructuredLinear):
         fan_in = mask.any(1).sum(-1).clamp(min=1)  # (R,) real inputs seen by block-row i
         std = (1.0 / (3.0 * fan_in.to(torch.float64))).sqrt().view(-1, 1, 1)
         with torch.no_grad():
-            init_uniform_(self.weight, 1.0)
-            self.weight.mul_((std * mask).to(self.weight.dtype))
+            init_uniform_(self.weight, 1.0, scale=std * mask)
 
     # ------------------------------------------------------------------ multiplies
     def _matmul(self, x: Tensor) -> Tensor:
-        def native(x: Tensor) -> Tensor:  # this structure's own multiply
-            b, R = self.block, self.nrows
-            width = max(R + 2, self.ncols + 1) * b
-            xp = F.pad(x, (b, width - b - self.in_features))  # (batch, width): one zero block on the left
-            win = xp.unfold(-1, 3 * b, b)[:, :R]  # (batch, R, 3b) view: blocks i-1, i, i+1 of x
-            y = torch.bmm(win.transpose(0, 1), self.weight.transpose(1, 2))  # (R, batch, b)
-            y = y.transpose(0, 1).reshape(x.shape[0], R * b)  # (batch, R*b)
-            return y[:, : self.out_features]
-
-        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
-
-        return matmul(self, x, native)
+        b, R = self.block, self.nrows
+        width = max(R + 2, self.ncols + 1) * b
+        xp = F.pad(x, (b, width - b - self.in_features))  # (batch, width): one zero block on the left
+        win = xp.unfold(-1, 3 * b, b)[:, :R]  # (batch, R, 3b) view: blocks i-1, i, i+1 of x
+        y = torch.bmm(win.transpose(0, 1), self.weight.transpose(1, 2))  # (R, batch, b)
+        y = y.transpose(0, 1).reshape(x.shape[0], R * b)  # (batch, R*b)
+        return y[:, : self.out_features]
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # block by block, only real rows/columns, no padding

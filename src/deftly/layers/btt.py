@@ -58,6 +58,15 @@ def _core_shapes(in_factors: tuple[int, ...], out_factors: tuple[int, ...],
     return shapes
 
 
+def max_rank(in_factors: tuple[int, ...], out_factors: tuple[int, ...]) -> int:
+    """The largest useful TT rank: bond ``k`` (between cores ``k`` and ``k+1``) carries, for each fixed index
+    of the inputs still to come and the outputs already made, a map from the ``prod(in_factors[d-k:])``
+    inputs consumed so far to the ``prod(out_factors[k:])`` outputs still to make, so a rank above
+    ``min`` of the two saturates it; a uniform rank above the largest such bound saturates every bond."""
+    d = len(in_factors)
+    return max(min(math.prod(in_factors[d - k:]), math.prod(out_factors[k:])) for k in range(1, d))
+
+
 @register
 class BlockTensorTrain(StructuredLinear):
     """Block Tensor-Train with ``ncores`` cores and TT rank ``rank``; ``ncores=2`` is rank-r Monarch.
@@ -86,6 +95,12 @@ class BlockTensorTrain(StructuredLinear):
             out_factors = balanced_factors(out_features, d)
         self.in_factors = check_factors(owner, "in_factors", in_factors, in_features, d, "in_features")
         self.out_factors = check_factors(owner, "out_factors", out_factors, out_features, d, "out_features")
+        top = max_rank(self.in_factors, self.out_factors)
+        check_int(owner, "rank", self.rank, maximum=top,
+                  fix=f"With in_factors={self.in_factors} and out_factors={self.out_factors} every TT bond is "
+                      f"saturated at rank {top} (bond k carries at most min(prod(in_factors[d-k:]), "
+                      f"prod(out_factors[k:])) values), so higher ranks add parameters and no "
+                      f"expressiveness: use 1 <= rank <= {top}.")
         for k, shape in enumerate(_core_shapes(self.in_factors, self.out_factors, self.rank), start=1):
             # core k: (N_k, M_k, m_k*r_k, n_{d-k+1}*r_{k-1})
             self.register_parameter(f"core{k}", nn.Parameter(torch.empty(shape, **self._factory)))
@@ -108,27 +123,24 @@ class BlockTensorTrain(StructuredLinear):
 
     # ------------------------------------------------------------------ multiplies
     def _matmul(self, x: Tensor) -> Tensor:
-        def native(x: Tensor) -> Tensor:  # this structure's own multiply
-            n, m, d = self.in_factors, self.out_factors, self.ncores
-            batch = x.shape[0]
-            xp = F.pad(x, (0, math.prod(n) - self.in_features))  # (batch, n_1*...*n_d)
-            h = None
-            for k, core in enumerate(self.cores(), start=1):
-                N, M, rows, cols = core.shape
-                if h is None:  # step 1: (batch, N_1, n_d) -> (N_1, batch, n_d)
-                    h = xp.reshape(batch, N, cols).transpose(0, 1)
-                else:  # h: (N_{k-1}*M_{k-1}, batch, m_{k-1}*r_{k-1}) laid out (N_k, n_{d-k+1}, M_{k-1}, ...)
-                    nk, mprev = n[d - k], m[k - 2]
-                    h = h.reshape(N, nk, M // mprev, batch, mprev, cols // nk)
-                    h = h.permute(0, 2, 4, 3, 1, 5).reshape(N * M, batch, cols)  # (N_k*M_k, batch, n*r)
-                h = torch.bmm(h, core.reshape(N * M, rows, cols).transpose(1, 2))  # (N_k*M_k, batch, m_k*r_k)
-            # after step d: (M_d, batch, m_d) with output index (m_1..m_{d-1}, m_d)
-            y = h.transpose(0, 1).reshape(batch, math.prod(m))
-            return y[:, : self.out_features]
-
-        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
-
-        return matmul(self, x, native)
+        n, m, d = self.in_factors, self.out_factors, self.ncores
+        batch = x.shape[0]
+        xp = F.pad(x, (0, math.prod(n) - self.in_features))  # (batch, n_1*...*n_d)
+        h = None
+        for k, core in enumerate(self.cores(), start=1):
+            N, M, rows, cols = core.shape
+            if h is None:  # step 1: (batch, N_1, n_d) -> (N_1, batch, n_d)
+                h = xp.reshape(batch, N, cols).transpose(0, 1)
+            else:  # h: (N_{k-1}*M_{k-1}, batch, m_{k-1}*r_{k-1}) laid out (N_k, n_{d-k+1}, M_{k-1}, ...)
+                nk, mprev = n[d - k], m[k - 2]
+                h = h.reshape(N, nk, M // mprev, batch, mprev, cols // nk)
+                # contiguous: the reshape may be a view without unit-stride rows (r = 1), which CPU bmm
+                # runs matrix by matrix (in the backward too)
+                h = h.permute(0, 2, 4, 3, 1, 5).reshape(N * M, batch, cols).contiguous()  # (N_k*M_k, batch, n*r)
+            h = torch.bmm(h, core.reshape(N * M, rows, cols).transpose(1, 2))  # (N_k*M_k, batch, m_k*r_k)
+        # after step d: (M_d, batch, m_d) with output index (m_1..m_{d-1}, m_d)
+        y = h.transpose(0, 1).reshape(batch, math.prod(m))
+        return y[:, : self.out_features]
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # every step as an explicit loop over its batch of small matrices, on the full mode tensor
@@ -226,21 +238,40 @@ class BlockTensorTrain(StructuredLinear):
     @classmethod
     def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
         """``ncores`` 2 and 3 with balanced factors and ranks ``1..32``, keeping the ranks that store no
-        more than the dense ``in * out`` (rank 1 is always kept) and, for 2 cores, at most the slice
-        size ``min(m_2, n_2)`` (beyond it the slices are dense). At most 64 candidates."""
+        more than the dense ``in * out`` (rank 1 is always kept) and at most :func:`max_rank` (for 2
+        cores the slice size ``min(m_2, n_2)``; beyond it every bond is saturated). At most 64 candidates."""
         dense = in_features * out_features
         cands: list[dict] = []
-        for d in (2, 3):
-            nf, mf = balanced_factors(in_features, d), balanced_factors(out_features, d)
-            top = min(mf[-1], nf[-1]) if d == 2 else 32
+        shapes = [(balanced_factors(in_features, d), balanced_factors(out_features, d)) for d in (2, 3)]
+        # 2 cores with a common first factor b dividing both sizes (Monarch's blocks: b = nblocks), so a
+        # rectangular layer has exact 2-core shapes to fill its budget with
+        g = math.gcd(in_features, out_features)
+        shapes += [((b, in_features // b), (b, out_features // b)) for b in range(2, math.isqrt(g) + 1)
+                   if g % b == 0 and ((b, in_features // b), (b, out_features // b)) != shapes[0]]
+        for nf, mf in shapes:
+            top = max_rank(nf, mf)  # for 2 cores: the slice size min(m_2, n_2)
             for r in range(1, 33):
-                hp = {"ncores": d, "rank": r, "in_factors": nf, "out_factors": mf}
+                hp = {"ncores": len(nf), "rank": r, "in_factors": nf, "out_factors": mf}
                 if r > 1 and (r > top or cls.param_count(in_features, out_features, **hp) > dense):
                     break
                 cands.append(hp)
         return cands
 
     # ------------------------------------------------------------------ counts
+    @classmethod
+    def shape_score(cls, in_features: int, out_features: int, *, ncores: int, rank: int = 1,
+                    in_factors: tuple[int, ...] = (), out_factors: tuple[int, ...] = ()) -> float:
+        """Padding of the factors first, then two cores over more (a rank-r BTT of 2 cores is rank-r Monarch;
+        3 cores trained worse at the same budget in the char-LM ablations), then, for 2 cores, a first
+        factor near Monarch's preferred block count ``sqrt(min(in, out)) / 2``."""
+        pad = ((math.prod(in_factors) - in_features) / in_features if in_factors else 0.0) + (
+            (math.prod(out_factors) - out_features) / out_features if out_factors else 0.0)
+        blocks = 0.0
+        if ncores == 2 and in_factors:  # the first factor plays Monarch's block count
+            pref = max(1.0, math.sqrt(min(in_features, out_features)) / 2)
+            blocks = 0.25 * abs(math.log2(in_factors[0] / pref))
+        return 10.0 * pad + (ncores - 2) + blocks
+
     @classmethod
     def param_count(cls, in_features: int, out_features: int, *, ncores: int, rank: int,
                     in_factors: tuple[int, ...], out_factors: tuple[int, ...]) -> int:
@@ -256,10 +287,13 @@ class BlockTensorTrain(StructuredLinear):
     def examples(cls, in_features: int, out_features: int) -> list[dict]:
         # balanced default factors fit any sizes (the generic suite may reuse an example at another
         # size); explicit factor tuples are exercised in tests/test_btt.py
-        return [{"ncores": 2, "rank": 1}, {"ncores": 2, "rank": 2}, {"ncores": 3, "rank": 2}]
+        top2 = max_rank(balanced_factors(in_features, 2), balanced_factors(out_features, 2))
+        top3 = max_rank(balanced_factors(in_features, 3), balanced_factors(out_features, 3))
+        out = [{"ncores": 2, "rank": 1}, {"ncores": 2, "rank": min(2, top2)}, {"ncores": 3, "rank": min(2, top3)}]
+        return [hp for i, hp in enumerate(out) if hp not in out[:i]]
 
     @classmethod
     def bad_examples(cls) -> list[dict]:
         return [{"ncores": 1}, {"ncores": 2.0}, {"rank": 0}, {"in_factors": (3, 5)},
                 {"out_factors": (4, 2, 1), "ncores": 2}, {"in_factors": (4, 4), "out_factors": (2, 2, 4)},
-                {"in_factors": "44"}]
+                {"in_factors": "44"}, {"ncores": 2, "rank": 5}]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from ..core.base import StructuredLinear, init_uniform_
 from ..core.linalg import set_param_
 from ..core.registry import register
+from ..kernels import KernelSpec, linear_matmul
 
 
 @register
@@ -15,6 +18,8 @@ class Dense(StructuredLinear):
     """A full ``(out_features, in_features)`` weight, identical to ``nn.Linear``."""
 
     name = "dense"
+    #: F.linear(x, W, b)
+    kernels: ClassVar[dict[str, KernelSpec]] = {"kernel": KernelSpec(linear_matmul, default=True, bias=True)}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  dtype=None) -> None:
@@ -28,6 +33,9 @@ class Dense(StructuredLinear):
 
     def _matmul(self, x: Tensor) -> Tensor:
         return x @ self.weight.T  # (batch, out)
+
+    def _kernel_args(self) -> tuple:
+        return (self._parameters["weight"],)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # one dot product per output feature

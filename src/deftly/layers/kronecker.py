@@ -124,8 +124,14 @@ class Kronecker(StructuredLinear):
         self.in_factors = check_factors("Kronecker", "in_factors", in_factors, in_features, 2, "in_features")
         self.out_factors = check_factors("Kronecker", "out_factors", out_factors, out_features, 2,
                                          "out_features")
-        self.rank = check_int("Kronecker", "rank", rank, fix="Use rank >= 1 (rank 1 is a single A (x) B).")
-        (i1, i2), (o1, o2), r = self.in_factors, self.out_factors, self.rank
+        (i1, i2), (o1, o2) = self.in_factors, self.out_factors
+        top = min(o1 * i1, o2 * i2)  # the rank of the rearranged weight R(W): (o1 i1) x (o2 i2)
+        self.rank = check_int("Kronecker", "rank", rank, maximum=top,
+                              fix=f"A sum of Kronecker products A_r (x) B_r with A_r: {o1} x {i1} and B_r: "
+                                  f"{o2} x {i2} reaches every matrix at rank min({o1 * i1}, {o2 * i2}) = "
+                                  f"{top}; higher ranks add parameters and no expressiveness. Use 1 <= rank "
+                                  f"<= {top} (rank 1 is a single A (x) B).")
+        r = self.rank
         self.A = nn.Parameter(torch.empty(r, o1, i1, **self._factory))  # (rank, o1, i1)
         self.B = nn.Parameter(torch.empty(r, o2, i2, **self._factory))  # (rank, o2, i2)
         self.reset_parameters()
@@ -146,28 +152,23 @@ class Kronecker(StructuredLinear):
 
     # ------------------------------------------------------------------ multiplies
     def _matmul(self, x: Tensor) -> Tensor:
-        def native(x: Tensor) -> Tensor:  # this structure's own multiply
-            (i1, i2), (o1, o2), r = self.in_factors, self.out_factors, self.rank
-            batch = x.shape[0]
-            xp = F.pad(x, (0, i1 * i2 - self.in_features))  # (batch, i1*i2), zero padding at the end
-            if self._b_first(self.in_factors, self.out_factors):
-                Bcat = self.B.permute(2, 0, 1).reshape(i2, r * o2)  # (i2, r*o2)
-                z = xp.reshape(batch * i1, i2) @ Bcat  # (batch*i1, r*o2) = X B_r^T for all r
-                z = z.reshape(batch, i1, r, o2).permute(0, 3, 2, 1).reshape(batch * o2, r * i1)  # (b o2, r i1)
-                Acat = self.A.permute(1, 0, 2).reshape(o1, r * i1)  # (o1, r*i1)
-                y = (z @ Acat.T).reshape(batch, o2, o1).transpose(1, 2)  # (batch, o1, o2)
-            else:
-                Acat = self.A.permute(2, 0, 1).reshape(i1, r * o1)  # (i1, r*o1)
-                xt = xp.reshape(batch, i1, i2).transpose(1, 2).reshape(batch * i2, i1)  # (batch*i2, i1)
-                z = (xt @ Acat).reshape(batch, i2, r, o1)  # A_r X, transposed
-                z = z.permute(0, 3, 2, 1).reshape(batch * o1, r * i2)  # (batch*o1, r*i2)
-                Bcat = self.B.permute(1, 0, 2).reshape(o2, r * i2)  # (o2, r*i2)
-                y = (z @ Bcat.T).reshape(batch, o1, o2)  # (batch, o1, o2)
-            return y.reshape(batch, o1 * o2)[:, : self.out_features]
-
-        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
-
-        return matmul(self, x, native)
+        (i1, i2), (o1, o2), r = self.in_factors, self.out_factors, self.rank
+        batch = x.shape[0]
+        xp = F.pad(x, (0, i1 * i2 - self.in_features))  # (batch, i1*i2), zero padding at the end
+        if self._b_first(self.in_factors, self.out_factors):
+            Bcat = self.B.permute(2, 0, 1).reshape(i2, r * o2)  # (i2, r*o2)
+            z = xp.reshape(batch * i1, i2) @ Bcat  # (batch*i1, r*o2) = X B_r^T for all r
+            z = z.reshape(batch, i1, r, o2).permute(0, 3, 2, 1).reshape(batch * o2, r * i1)  # (b o2, r i1)
+            Acat = self.A.permute(1, 0, 2).reshape(o1, r * i1)  # (o1, r*i1)
+            y = (z @ Acat.T).reshape(batch, o2, o1).transpose(1, 2)  # (batch, o1, o2)
+        else:
+            Acat = self.A.permute(2, 0, 1).reshape(i1, r * o1)  # (i1, r*o1)
+            xt = xp.reshape(batch, i1, i2).transpose(1, 2).reshape(batch * i2, i1)  # (batch*i2, i1)
+            z = (xt @ Acat).reshape(batch, i2, r, o1)  # A_r X, transposed
+            z = z.permute(0, 3, 2, 1).reshape(batch * o1, r * i2)  # (batch*o1, r*i2)
+            Bcat = self.B.permute(1, 0, 2).reshape(o2, r * i2)  # (o2, r*i2)
+            y = (z @ Bcat.T).reshape(batch, o1, o2)  # (batch, o1, o2)
+        return y.reshape(batch, o1 * o2)[:, : self.out_features]
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         # y[a*o2 : (a+1)*o2] = sum_r sum_c A_r[a, c] * B_r @ x[c*i2 : (c+1)*i2], block by block
@@ -256,6 +257,14 @@ class Kronecker(StructuredLinear):
 
     # ------------------------------------------------------------------ counts
     @classmethod
+    def shape_score(cls, in_features: int, out_features: int, *, in_factors: tuple[int, int],
+                    out_factors: tuple[int, int], rank: int = 1) -> float:
+        """Padding of the factorisations first, then lopsided factors (log of the factor ratios)."""
+        (i1, i2), (o1, o2) = in_factors, out_factors
+        pad = (i1 * i2 - in_features) / in_features + (o1 * o2 - out_features) / out_features
+        return 10.0 * pad + 0.1 * (abs(math.log(i1 / i2)) + abs(math.log(o1 / o2)))
+
+    @classmethod
     def param_count(cls, in_features: int, out_features: int, *, in_factors: tuple[int, int],
                     out_factors: tuple[int, int], rank: int) -> int:
         (i1, i2), (o1, o2) = in_factors, out_factors
@@ -273,9 +282,10 @@ class Kronecker(StructuredLinear):
     def examples(cls, in_features: int, out_features: int) -> list[dict]:
         # default (balanced) factors, which fit any sizes; the generic suite may reuse an example at
         # another size, so explicit factor tuples are exercised in tests/test_kronecker.py instead
-        return [{"rank": 1}, {"rank": 2}]
+        (i1, i2), (o1, o2) = balanced_factors(in_features, 2), balanced_factors(out_features, 2)
+        return [{"rank": r} for r in sorted({1, min(2, o1 * i1, o2 * i2)})]
 
     @classmethod
     def bad_examples(cls) -> list[dict]:
         return [{"in_factors": (3, 5)}, {"out_factors": (2, 2)}, {"in_factors": (4, 2, 2)},
-                {"out_factors": (0, 16)}, {"in_factors": 16}, {"rank": 0}, {"rank": 1.0}]
+                {"out_factors": (0, 16)}, {"in_factors": 16}, {"rank": 0}, {"rank": 1.0}, {"rank": 17}]

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from ..core.base import StructuredLinear, check_int, init_uniform_
 from ..core.linalg import low_rank_factors, set_param_
 from ..core.registry import register
+from ..kernels import KernelSpec, lowrank_matmul
 from .dense import output_variance_scale
 
 
 @register
 class LowRank(StructuredLinear):
-    """Rank-``rank`` factorisation: ``y = U (V x)``. Costs ``rank * (in + out)`` parameters."""
+    """Rank-``rank`` factorisation: ``y = U (V x)``. Costs ``rank * (in + out)`` parameters.
+
+    ``rank`` is at most ``min(in, out)`` (a higher rank adds parameters, not expressiveness); default
+    ``min(16, in, out)``."""
 
     name = "lowrank"
+    #: the bias fused by addmm
+    kernels: ClassVar[dict[str, KernelSpec]] = {"kernel": KernelSpec(lowrank_matmul, default=True, bias=True)}
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 16,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int | None = None,
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.rank = check_int("LowRank", "rank", rank, fix="Use a rank >= 1, e.g. rank=16.")
+        top = min(in_features, out_features)
+        if rank is None:  # default: 16, or full rank for layers narrower than that
+            rank = min(16, top)
+        self.rank = check_int("LowRank", "rank", rank, maximum=top,
+                              fix=f"A rank above min(in_features, out_features) = {top} adds parameters and "
+                                  f"no expressiveness (the product U V already has full rank {top}): use "
+                                  f"1 <= rank <= {top}, or the 'dense' structure.")
         self.V = nn.Parameter(torch.empty(self.rank, in_features, **self._factory))  # (rank, in)
         self.U = nn.Parameter(torch.empty(out_features, self.rank, **self._factory))  # (out, rank)
         self.reset_parameters()
@@ -34,12 +48,10 @@ class LowRank(StructuredLinear):
         init_uniform_(self.U, g / self.rank)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        def native(x: Tensor) -> Tensor:  # this structure's own multiply
-            return (x @ self.V.T) @ self.U.T  # (batch, rank) -> (batch, out)
+        return (x @ self.V.T) @ self.U.T  # (batch, rank) -> (batch, out)
 
-        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
-
-        return matmul(self, x, native)
+    def _kernel_args(self) -> tuple:
+        return self._parameters["V"], self._parameters["U"]
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         h = torch.stack([(x * self.V[r]).sum(-1) for r in range(self.rank)], dim=-1)  # (batch, rank)
@@ -74,4 +86,4 @@ class LowRank(StructuredLinear):
 
     @classmethod
     def bad_examples(cls) -> list[dict]:
-        return [{"rank": 0}, {"rank": -3}, {"rank": 2.5}]
+        return [{"rank": 0}, {"rank": -3}, {"rank": 2.5}, {"rank": 17}]

@@ -39,9 +39,15 @@ class LowRankBlockDiagIdentity(StructuredLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 8,
                  nblocks: int = 4, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        kw = {"device": device, "dtype": dtype}
+        # the parts are built on the meta device and initialised once, by reset_parameters below: no
+        # random numbers are drawn twice, so a seeded build equals meta -> to_empty -> reset_parameters
+        kw = {"device": "meta", "dtype": dtype}
         self.lowrank = LowRank(in_features, out_features, bias=False, rank=rank, **kw)
         self.blockdiag = BlockDiagonal(in_features, out_features, bias=False, nblocks=nblocks, **kw)
+        target = torch.empty(0, device=device).device  # `device`, or the default device
+        if target.type != "meta":
+            self.lowrank.to_empty(device=target)
+            self.blockdiag.to_empty(device=target)
         self.reset_parameters()
 
     def hparams(self) -> dict:
@@ -61,12 +67,7 @@ class LowRankBlockDiagIdentity(StructuredLinear):
         return torch.nn.functional.pad(x, (0, self.out_features - n))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        def native(x: Tensor) -> Tensor:  # this structure's own multiply
-            return self.lowrank._matmul(x) + self.blockdiag._matmul(x) + self.fixed_residual(x)
-
-        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
-
-        return matmul(self, x, native)
+        return self.lowrank._matmul(x) + self.blockdiag._matmul(x) + self.fixed_residual(x)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         return (self.lowrank._reference_matmul(x) + self.blockdiag._reference_matmul(x)
@@ -138,6 +139,11 @@ class LowRankBlockDiagIdentity(StructuredLinear):
                 yield {"rank": r, "nblocks": nb}
 
     @classmethod
+    def shape_score(cls, in_features: int, out_features: int, *, rank: int, nblocks: int) -> float:
+        """The block-diagonal part's padding (block counts that divide both sizes first)."""
+        return BlockDiagonal.shape_score(in_features, out_features, nblocks=nblocks)
+
+    @classmethod
     def param_count(cls, in_features: int, out_features: int, *, rank: int, nblocks: int) -> int:
         return (LowRank.param_count(in_features, out_features, rank=rank)
                 + BlockDiagonal.param_count(in_features, out_features, nblocks=nblocks))
@@ -155,4 +161,4 @@ class LowRankBlockDiagIdentity(StructuredLinear):
 
     @classmethod
     def bad_examples(cls) -> list[dict]:
-        return [{"rank": 0}, {"nblocks": 0}, {"nblocks": 17}]
+        return [{"rank": 0}, {"rank": 17}, {"nblocks": 0}, {"nblocks": 17}]

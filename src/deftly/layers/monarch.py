@@ -19,6 +19,7 @@ is two ``bmm``s; both permutations are folded into the layout copies that ``bmm`
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from ..core.base import StructuredLinear, check_int, init_uniform_
 from ..core.partition import Partition, _divisors, balanced_factors, ceil_div
 from ..core.linalg import low_rank_factors, set_param_
 from ..core.registry import register
+from ..kernels import KernelSpec, monarch_matmul, monarch_matmul_triton, triton_usable
 from .dense import output_variance_scale
 
 
@@ -40,6 +42,10 @@ class Monarch(StructuredLinear):
     """
 
     name = "monarch"
+    kernels: ClassVar[dict[str, KernelSpec]] = {
+        "kernel": KernelSpec(monarch_matmul, default=True, bias=True),
+        "triton": KernelSpec(monarch_matmul_triton, available=triton_usable, compile_ok=False),
+    }
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, nblocks: int | None = None,
                  out_blocks: int | None = None, rank: int = 1, device=None, dtype=None) -> None:
@@ -53,10 +59,15 @@ class Monarch(StructuredLinear):
             out_blocks = min(self.nblocks, out_features)
         self.out_blocks = check_int("Monarch", "out_blocks", out_blocks, maximum=out_features,
                                     fix=f"Use 1 <= out_blocks <= out_features = {out_features}.")
-        self.rank = check_int("Monarch", "rank", rank, fix="Use rank >= 1 (rank 1 is classic Monarch).")
         self.in_part = Partition(in_features, self.nblocks)
+        self.block_out = ceil_div(out_features, self.out_blocks)  # s
+        top = min(self.in_part.block, self.block_out)
+        self.rank = check_int("Monarch", "rank", rank, maximum=top,
+                              fix=f"Each (output block, input block) slice is {self.block_out} x "
+                                  f"{self.in_part.block}, so a rank above {top} adds parameters and no "
+                                  f"expressiveness: use 1 <= rank <= {top} (rank 1 is classic Monarch), or "
+                                  f"fewer blocks.")
         k, l, r = self.nblocks, self.out_blocks, self.rank
-        self.block_out = ceil_div(out_features, l)  # s
         self.R = nn.Parameter(torch.empty(k, l * r, self.in_part.block, **self._factory))  # (k, l*r, p)
         self.L = nn.Parameter(torch.empty(l, self.block_out, k * r, **self._factory))  # (l, s, k*r)
         self.reset_parameters()
@@ -70,19 +81,20 @@ class Monarch(StructuredLinear):
         init_uniform_(self.L, g / (self.nblocks * self.rank))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        def native(x: Tensor) -> Tensor:  # this structure's own multiply
-            k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
-            batch = x.shape[0]
-            xb = self.in_part.pad(x).reshape(batch, k, self.in_part.block).transpose(0, 1)  # (k, batch, p)
-            h = torch.bmm(xb, self.R.transpose(1, 2))  # (k, batch, l*r)
-            h = h.reshape(k, batch, l, r).permute(2, 1, 0, 3).reshape(l, batch, k * r)  # P: (l, batch, k*r)
-            y = torch.bmm(h, self.L.transpose(1, 2))  # (l, batch, s)
-            y = y.permute(1, 2, 0).reshape(batch, s * l)  # P^T: (batch, s, l)
-            return y[:, : self.out_features]
+        k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
+        batch = x.shape[0]
+        xb = self.in_part.pad(x).reshape(batch, k, self.in_part.block).transpose(0, 1)  # (k, batch, p)
+        h = torch.bmm(xb, self.R.transpose(1, 2))  # (k, batch, l*r)
+        # P: (l, batch, k*r); contiguous: for r = 1 the reshape is a view whose rows are not unit-stride,
+        # and CPU bmm then loops matrix by matrix (measured 10-20x slower at batch 1-4)
+        h = h.reshape(k, batch, l, r).permute(2, 1, 0, 3).reshape(l, batch, k * r).contiguous()
+        y = torch.bmm(h, self.L.transpose(1, 2))  # (l, batch, s)
+        y = y.permute(1, 2, 0).reshape(batch, s * l)  # P^T: (batch, s, l)
+        return y[:, : self.out_features]
 
-        from ..kernels.dispatch import matmul  # picks native / optimised kernel / dense, see there
-
-        return matmul(self, x, native)
+    def _kernel_args(self) -> tuple:
+        p, part = self._parameters, self._modules["in_part"]
+        return (p["R"], p["L"], self.rank, self.out_features, None if part.exact else part.gather_index)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
         k, l, r, s = self.nblocks, self.out_blocks, self.rank, self.block_out
@@ -153,6 +165,23 @@ class Monarch(StructuredLinear):
                 for r in range(1, min(p, s) + 1):
                     yield {"nblocks": k, "out_blocks": l, "rank": r}
 
+    #: preferred number of blocks per factor: sqrt(min(in, out)) / 2 (8 at 256, 16 at 1024), the count the
+    #: ablations on the char-LM trained best with at 25% (docs/transformer_defaults.md); the budget is
+    #: then met by the rank
+    @classmethod
+    def preferred_blocks(cls, in_features: int, out_features: int) -> float:
+        return max(1.0, math.sqrt(min(in_features, out_features)) / 2)
+
+    @classmethod
+    def shape_score(cls, in_features: int, out_features: int, *, nblocks: int, out_blocks: int,
+                    rank: int = 1) -> float:
+        """Padding (blocks that do not divide the sizes) first, then unequal block counts on the two sides,
+        then the distance of ``nblocks`` from :meth:`preferred_blocks` (log scale)."""
+        pad = (nblocks * ceil_div(in_features, nblocks) - in_features) / in_features + (
+            out_blocks * ceil_div(out_features, out_blocks) - out_features) / out_features
+        return 10.0 * pad + abs(math.log(nblocks / out_blocks)) + 0.25 * abs(
+            math.log2(nblocks / cls.preferred_blocks(in_features, out_features)))
+
     @classmethod
     def param_count(cls, in_features: int, out_features: int, *, nblocks: int, out_blocks: int,
                     rank: int) -> int:
@@ -169,9 +198,12 @@ class Monarch(StructuredLinear):
     def examples(cls, in_features: int, out_features: int) -> list[dict]:
         k = balanced_factors(in_features, 2)[1]
         l = min(k, out_features)
+        k2, l2 = min(3, in_features), min(2, out_features)
+        top = min(ceil_div(in_features, k2), ceil_div(out_features, l2))  # the slice size caps the rank
         return [{"nblocks": k, "out_blocks": l, "rank": 1},
-                {"nblocks": min(3, in_features), "out_blocks": min(2, out_features), "rank": 2}]
+                {"nblocks": k2, "out_blocks": l2, "rank": min(2, top)}]
 
     @classmethod
     def bad_examples(cls) -> list[dict]:
-        return [{"nblocks": 0}, {"nblocks": 17}, {"out_blocks": 17}, {"rank": 0}, {"rank": -1}]
+        return [{"nblocks": 0}, {"nblocks": 17}, {"out_blocks": 17}, {"rank": 0}, {"rank": -1},
+                {"nblocks": 4, "out_blocks": 4, "rank": 5}]

@@ -16,7 +16,11 @@ out again.
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,10 +28,11 @@ from torch import Tensor, nn
 from ..core.base import StructuredLinear
 from ..core.registry import make
 from .budget import choose_hparams, dense_count
-from .config import StructureConfig
-from .modules import dense_weight, is_conv1d, model_params, set_module, linear_shape, structured_modules
+from .config import StructureConfig, _matches_entry
+from .marks import guard_save_pretrained
+from .modules import dense_weight, is_conv1d, linear_shape, model_params, set_module, structured_modules
 from .report import LayerReport, SurgeryReport
-from .structurize import plan
+from .structurize import match_layers
 
 __all__ = [
     "Adapters",
@@ -122,8 +127,10 @@ class StructuredAdapter(nn.Module):
                                  "hyperparameters")
             for p in anchor.parameters():
                 p.requires_grad_(False)
-        self.scale = float(scale)
+        self.scale = check_scale("StructuredAdapter", scale)
         self.merged = False
+        #: ``requires_grad`` of each base parameter before adapting: merged layers get it back
+        self.base_requires_grad = {n: p.requires_grad for n, p in base.named_parameters()}
         if freeze_base:
             for p in self.base.parameters():
                 p.requires_grad_(False)
@@ -180,7 +187,9 @@ class StructuredAdapter(nn.Module):
         self.merged = False
 
     def merged_linear(self) -> nn.Module:
-        """The base layer with the delta folded in (the adapter is left unmerged)."""
+        """The base layer with the delta folded in (the adapter is left unmerged): the same module type
+        (``nn.Linear`` / ``Conv1D``, weight layout included), each parameter with the ``requires_grad`` it
+        had before :func:`adapt` froze it."""
         import copy
 
         base = copy.deepcopy(self.base)
@@ -188,16 +197,58 @@ class StructuredAdapter(nn.Module):
             with torch.no_grad():
                 d = self.delta_weight().to(base.weight.dtype)
                 base.weight.add_(d.T if self.transposed else d)
-        for p in base.parameters():
-            p.requires_grad_(True)
+        for n, p in base.named_parameters():
+            p.requires_grad_(bool(self.base_requires_grad.get(n, True)))
         return base
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, merged={self.merged}" + (", anchored" if self.anchor is not None else "")
 
 
+def check_scale(owner: str, scale: Any) -> float:
+    """``scale`` as a finite float, or a clear error."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) and not (
+            isinstance(scale, Tensor) and scale.numel() == 1 and not scale.is_complex()):
+        raise TypeError(f"{owner}: scale={scale!r} must be a real number (the delta's multiplier, e.g. 1.0 or "
+                        f"LoRA's alpha / rank)")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: scale={scale!r} is not finite; the adapted model would output "
+                         f"{'nan' if math.isnan(value) else 'inf/nan'}. Pass a finite number such as 1.0 (or "
+                         f"LoRA's alpha / rank)")
+    return value
+
+
 def _adapters(model: nn.Module) -> list[tuple[str, StructuredAdapter]]:
     return [(n, m) for n, m in structured_modules(model) if isinstance(m, StructuredAdapter)]
+
+
+def _names_matching(spec: Any, names: list[str]) -> list[str]:
+    """The ``names`` a ``target_modules`` / ``exclude_modules`` value selects (no error when none)."""
+    if spec is None:
+        return []
+    if spec == "all-linear":
+        return list(names)
+    if isinstance(spec, str):
+        try:
+            rx = re.compile(spec)
+        except re.error:
+            return []
+        return [n for n in names if rx.fullmatch(n)]
+    return [n for n in names if any(isinstance(e, str) and _matches_entry(n, e) for e in spec)]
+
+
+def _check_not_adapted(model: nn.Module, config: StructureConfig) -> None:
+    adapted = [n for n, _ in _adapters(model)]
+    hit = _names_matching(config.target_modules, adapted)
+    excluded = set(_names_matching(config.exclude_modules, adapted))
+    hit = [n for n in hit if n not in excluded]
+    if hit:
+        shown = ", ".join(hit[:8]) + (f" ... ({len(hit) - 8} more)" if len(hit) > 8 else "")
+        raise ValueError(f"adapt: {len(hit)} targeted layer(s) are already adapted: {shown}. An adapter cannot "
+                         f"wrap another one: fold the existing adapters in first (adapters.merge_and_unload(), "
+                         f"or deftly.surgery.merge_and_unload(model)) and adapt again, or target only layers "
+                         f"that have no adapter")
 
 
 def merge(model: nn.Module) -> None:
@@ -213,7 +264,8 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every adapter by its base layer with the delta folded in (plain ``nn.Linear``/``Conv1D``)."""
+    """Replace every adapter by its base layer with the delta folded in (plain ``nn.Linear``/``Conv1D``,
+    each parameter with the ``requires_grad`` it had before :func:`adapt`)."""
     for name, a in _adapters(model):
         set_module(model, name, a.merged_linear())
     return model
@@ -267,7 +319,10 @@ def adapt(model: nn.Module, config: StructureConfig, *, scale: float = 1.0, zero
     ``delta(x) - anchor(x)``; ``freeze``: every parameter of the model except the deltas is frozen (else
     only the wrapped base layers). Returns an :class:`Adapters` handle.
     """
-    plans = plan(model, config)
+    scale = check_scale("adapt", scale)
+    if isinstance(config, StructureConfig) and isinstance(model, nn.Module):
+        _check_not_adapted(model, config)
+    plans = match_layers(model, config)
     before = model_params(model)
     built: list[tuple[str, StructuredAdapter]] = []
     rows = []
@@ -307,6 +362,7 @@ def adapt(model: nn.Module, config: StructureConfig, *, scale: float = 1.0, zero
         set_module(model, name, adapter)
         for prm in adapter.delta.parameters():
             prm.requires_grad_(True)
+    guard_save_pretrained(model)  # transformers' save_pretrained would lose the adapters: refuse it
     trainable = sum(prm.numel() for prm in model.parameters() if prm.requires_grad)
     report = SurgeryReport(rows, before, model_params(model), structure=config.structure,
                            budget=config.budget, budget_kind=config.budget_kind, action="adapt",

@@ -86,8 +86,10 @@ def _check_hparams(structure: str, hp: dict, where: str) -> None:
         return
     bad = sorted(set(hp) - valid)
     if bad:
+        close = [m for b in bad for m in difflib.get_close_matches(b, sorted(valid), n=1)]
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"{where}: structure {structure!r} has no hyperparameter {', '.join(map(repr, bad))}; "
-                         f"its hyperparameters are: {', '.join(sorted(valid)) or '(none)'}")
+                         f"its hyperparameters are: {', '.join(sorted(valid)) or '(none)'}.{hint}")
 
 
 def _check_budget(budget: Any, where: str) -> float | None:
@@ -111,7 +113,8 @@ class StructureConfig:
         target_modules: regex on the full module name (``re.fullmatch``), a list of names/suffixes, or
             ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` except the output head).
         exclude_modules: same forms; excluded layers are never replaced.
-        budget: fraction in (0, 1] of each targeted layer's dense parameters (bias included) or, with
+        budget: fraction in (0, 1] of each targeted layer's dense weight entries (biases stay dense and are
+            not counted) or, with
             ``budget_kind="flops"``, FLOPs per token. ``None``: use ``hparams`` / the structure defaults.
         budget_kind: ``"params"`` or ``"flops"``.
         hparams: hyperparameters for every targeted layer of ``structure`` (partial ones are fixed and

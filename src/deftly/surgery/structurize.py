@@ -12,16 +12,23 @@
   structured, and the frozen base layers of adapters, are never candidates. A pattern that matches
   nothing is an error listing the candidate names.
 * **Budget.** ``budget`` is a fraction: every targeted layer gets at most ``budget`` times its dense
-  parameters (bias included; or its FLOPs per token with ``budget_kind="flops"``), so the targeted total
-  meets it too. deftly walks the structure's :meth:`~deftly.StructuredLinear.hparam_candidates` and takes
-  the largest count within the budget (``select="params"``), or, with ``select="error"``, projects the
-  best few candidates near the budget and keeps the one with the smallest projection error.
+  weight entries (biases stay dense and are not counted; or its FLOPs per token with
+  ``budget_kind="flops"``). The one budget solver (:func:`deftly.surgery.budget.choose_hparams`, also used
+  by the recipes) walks the structure's :meth:`~deftly.StructuredLinear.hparam_candidates`; among the
+  candidates within 10% of the fullest count it takes the structure's preferred shape
+  (:meth:`~deftly.StructuredLinear.shape_score`: divisors over padding, square Monarch blocks with the rank
+  filling the budget, two BTT cores) (``select="params"``), or, with ``select="error"``, projects the best
+  few candidates near the budget and keeps the one with the smallest projection error.
 * **Init.** ``"project"`` (default): the best structured approximation of each pretrained weight
   (:mod:`deftly.core.projection`), activation-aware when ``calibration`` inputs are given; ``"random"``: the
   structure's own init (training from scratch in the same architecture).
 * **Overrides.** ``overrides={pattern: {...}}`` sets, for the layers a pattern matches, another
   ``structure``, ``budget`` or hyperparameters (partial hyperparameters fix those and leave the rest to
   the budget).
+* **Meta device.** On a model built on the meta device (``with torch.device("meta"): ...``) only
+  ``init="random"`` applies: the structured layers are built on meta too (nothing is allocated; then
+  ``model.to_empty(device=...)`` and ``reset_parameters()`` / ``load_state_dict``); ``"project"`` is
+  refused (there are no weights to project). :func:`deftly.plan` counts a structurized model this way.
 * **Atomic.** Everything is planned, checked, built and projected before the first module is swapped:
   an error leaves the model unchanged.
 """
@@ -40,10 +47,11 @@ from ..core.projection import Calibration, project_layer_
 from ..core.registry import make
 from .budget import choose_hparams, dense_count
 from .config import _CONFIG_KEYS, StructureConfig, _match, _override_matches
+from .marks import guard_save_pretrained, record_origin
 from .modules import dense_weight, is_conv1d, linear_modules, model_params, output_head, set_module, linear_shape
 from .report import LayerReport, SurgeryReport
 
-__all__ = ["collect_calibration", "plan", "structurize"]
+__all__ = ["collect_calibration", "match_layers", "structurize"]
 
 
 @dataclass
@@ -57,7 +65,7 @@ class _Plan:
 
 
 
-def plan(model: nn.Module, config: StructureConfig) -> list[_Plan]:
+def match_layers(model: nn.Module, config: StructureConfig) -> list[_Plan]:
     """Resolve targets, excludes and overrides to one plan per layer (no change to the model)."""
     if not isinstance(config, StructureConfig):
         raise TypeError(f"config must be a deftly.StructureConfig, got {type(config).__name__}")
@@ -123,7 +131,7 @@ def collect_calibration(model: nn.Module, names: Sequence[str], calibration: Any
     for name in names:
         mod = model.get_submodule(name)
         in_f = linear_shape(mod)[0]
-        cals[name] = Calibration(in_features=in_f)
+        cals[name] = Calibration(in_features=in_f, name=name)
 
         def hook(module, args, _name=name):
             cals[_name].add(args[0].detach())
@@ -138,10 +146,14 @@ def collect_calibration(model: nn.Module, names: Sequence[str], calibration: Any
         for h in handles:
             h.remove()
         model.train(was_training)
-    empty = [n for n, c in cals.items() if c.count == 0]
+    empty = [n for n, c in cals.items() if c.count == 0 and c.batches]
     if empty:
-        raise ValueError(f"calibration never reached {len(empty)} targeted layer(s) (e.g. {empty[0]!r}); "
-                         f"make the calibration run a forward pass through them")
+        raise ValueError(f"calibration data is empty: {len(empty)} targeted layer(s) (e.g. {empty[0]!r}) saw "
+                         f"only batches of 0 rows; pass calibration inputs with at least one sample")
+    unreached = [n for n, c in cals.items() if c.count == 0]
+    if unreached:
+        raise ValueError(f"calibration never reached {len(unreached)} targeted layer(s) (e.g. "
+                         f"{unreached[0]!r}); make the calibration run a forward pass through them")
     return cals
 
 
@@ -164,18 +176,28 @@ def structurize(model: nn.Module, config: StructureConfig) -> SurgeryReport:
     See :mod:`deftly.surgery` for the matching, budget and init rules. The model keeps its device,
     dtype and train/eval mode; an error (bad pattern, impossible budget...) leaves it unchanged.
     """
-    plans = plan(model, config)
+    plans = match_layers(model, config)
+    meta = [p.name for p in plans if dense_weight(p.module).is_meta]
+    if meta and config.init != "random":
+        raise ValueError(f"structurize: {len(meta)} targeted layer(s) (e.g. {meta[0]!r}) are on the meta "
+                         f"device, which holds no weights to project (init={config.init!r}); materialise "
+                         f"the model first (model.to_empty(device=...) then load its weights), or pass "
+                         f"init='random' to build the structured layers on the meta device too")
     before_total = model_params(model)
     kind = config.budget_kind
     shortlist = config.max_trials if config.init == "project" else 1
     slack = config.slack if config.select == "error" else 0.0
     choices: list[list[dict]] = []
+    solved: dict[tuple, list[dict]] = {}  # layers of one shape and plan share the solver's answer
     for p in plans:
         in_f, out_f = linear_shape(p.module)
         bias = getattr(p.module, "bias", None) is not None
-        cands = choose_hparams(p.structure, in_f, out_f, p.budget, kind=kind, bias=bias, fixed=p.fixed,
-                               shortlist=shortlist, slack=slack, where=f"layer {p.name!r} ({out_f} x {in_f})")
-        choices.append(cands)
+        key = (p.structure, in_f, out_f, p.budget, bias, repr(sorted(p.fixed.items())))
+        if key not in solved:
+            solved[key] = choose_hparams(p.structure, in_f, out_f, p.budget, kind=kind, bias=bias,
+                                         fixed=p.fixed, shortlist=shortlist, slack=slack,
+                                         where=f"layer {p.name!r} ({out_f} x {in_f})")
+        choices.append([dict(hp) for hp in solved[key]])
     cals = (collect_calibration(model, [p.name for p in plans], config.calibration)
             if config.calibration is not None and config.init == "project" else {})
     new_layers: list[StructuredLinear] = []
@@ -214,6 +236,8 @@ def structurize(model: nn.Module, config: StructureConfig) -> SurgeryReport:
             plain_output_error=None if res is None else res.plain_output_error,
             method="random init" if res is None else res.method, seconds=0.0 if res is None else res.seconds))
     for p, layer in zip(plans, new_layers):
+        record_origin(layer, p.module)  # densify restores a Conv1D as a Conv1D
         set_module(model, p.name, layer)
+    guard_save_pretrained(model)  # transformers' save_pretrained would lose the structure: refuse it
     return SurgeryReport(reports, before_total, model_params(model), structure=config.structure,
                          budget=config.budget, budget_kind=kind)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +32,17 @@ from torch.nn import functional as F
 
 from .. import distributed as ddist
 from ..data import wikipedia
-from .budget import BudgetError
-from .common import available, budget_linear, forward_flops, linear_stats, median_step_time, seed_everything
+from ..surgery.budget import BudgetError
+from .common import (
+    available,
+    budget_linear,
+    check_counts,
+    check_structures,
+    forward_flops,
+    linear_stats,
+    median_step_time,
+    seed_everything,
+)
 from .loop import TrainConfig, train
 from .results import curves_plot, pareto_plot, write_json, write_run
 
@@ -64,33 +74,65 @@ class CharLMConfig:
     # block-diagonal weights, 3-13x on low-rank U) keep this GPT on the bigram plateau at lr 2e-3
     max_lr_mult: float | None = 1.0
     clock: str = "wall"  # "process": CPU time of this process, robust on a shared machine
+    # sequence mixer of every block: "attention" (softmax, the default) or "monarch-mixer" (gated long
+    # convolution, deftly.mixers.MonarchMixer; no learned positions, equal or fewer parameters)
+    mixer: str = "attention"
 
     def __post_init__(self) -> None:
-        self.structures = tuple(self.structures)
+        if self.mixer not in MIXERS:
+            raise ValueError(f"CharLMConfig: mixer={self.mixer!r} is not a sequence mixer; choose one of: "
+                             f"{', '.join(MIXERS)} (--mixer)")
+        self.structures = check_structures(self.structures)
         if self.clock not in ("wall", "process"):
             raise ValueError(f"clock={self.clock!r} must be 'wall' or 'process'")
-        if self.d % self.heads:
-            raise ValueError(f"d={self.d} must be divisible by heads={self.heads}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction={self.fraction} must be in (0, 1], e.g. 0.25")
-        if self.steps < 1 or self.eval_every < 1:
-            raise ValueError("steps and eval_every must be >= 1")
+        check_counts("CharLMConfig", ("text_limit", "threads"), steps=self.steps, eval_every=self.eval_every,
+                     layers=self.layers, d=self.d, heads=self.heads, ctx=self.ctx, batch_size=self.batch_size,
+                     eval_windows=self.eval_windows, text_limit=self.text_limit, threads=self.threads)
+        if self.d % self.heads:
+            raise ValueError(f"d={self.d} must be divisible by heads={self.heads}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"CharLMConfig: warmup={self.warmup!r} must be a whole number >= 0 (--warmup N)")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"CharLMConfig: lr={self.lr!r} must be a positive number, e.g. 1e-3")
         if self.max_lr_mult is not None and not (self.max_lr_mult > 0 and math.isfinite(self.max_lr_mult)):
             raise ValueError(f"max_lr_mult={self.max_lr_mult!r} must be a positive number, e.g. 1.0")
 
 
+#: sequence mixers of the recipe (``--mixer``)
+MIXERS = ("attention", "monarch-mixer")
+#: the implicit filter of the mixer blocks: small enough that the mixer model has no more parameters than
+#: the attention model (whose learned positions it does not need)
+MIXER_FILTER = {"bands": 4, "hidden": 16}
+
+
 class Block(nn.Module):
-    def __init__(self, structure: str, fraction: float, d: int, heads: int) -> None:
+    def __init__(self, structure: str, fraction: float, d: int, heads: int, mixer: str = "attention",
+                 ctx: int = 128) -> None:
         super().__init__()
         self.heads = heads
         self.ln1 = nn.LayerNorm(d)
-        self.qkv = budget_linear(structure, d, 3 * d, fraction)
-        self.proj = budget_linear(structure, d, d, fraction)
+        if mixer == "attention":
+            self.qkv = budget_linear(structure, d, 3 * d, fraction)
+            self.proj = budget_linear(structure, d, d, fraction)
+        else:  # its projections W_in (d -> 3d) and W_out (d -> d) take the places of qkv and proj
+            from ..mixers import MonarchMixer
+
+            self.mixer = MonarchMixer(d, ctx, causal=True, filter_kwargs=MIXER_FILTER,
+                                      linear=lambda i, o: budget_linear(structure, i, o, fraction))
         self.ln2 = nn.LayerNorm(d)
         self.fc1 = budget_linear(structure, d, 4 * d, fraction)
         self.fc2 = budget_linear(structure, 4 * d, d, fraction)
 
+    def seq_linears(self) -> tuple[nn.Module, nn.Module]:
+        """The sequence mixer's two projections (attention: qkv, proj; mixer: W_in, W_out)."""
+        return (self.qkv, self.proj) if hasattr(self, "qkv") else (self.mixer.in_proj, self.mixer.out_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "mixer"):
+            x = x + self.mixer(self.ln1(x))
+            return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         q, k, v = (z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
@@ -101,24 +143,28 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab: int, structure: str = "dense", fraction: float = 0.25, layers: int = 4,
-                 d: int = 256, heads: int = 4, ctx: int = 128) -> None:
+                 d: int = 256, heads: int = 4, ctx: int = 128, mixer: str = "attention") -> None:
         super().__init__()
         self.ctx = ctx
         self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(structure, fraction, d, heads) for _ in range(layers))
+        # learned positions for attention; the mixer's convolutions know positions already
+        self.pos = nn.Embedding(ctx, d) if mixer == "attention" else None
+        self.blocks = nn.ModuleList(Block(structure, fraction, d, heads, mixer, ctx) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
         with torch.no_grad():
             self.tok.weight.normal_(0, 0.02)
-            self.pos.weight.normal_(0, 0.02)
+            if self.pos is not None:
+                self.pos.weight.normal_(0, 0.02)
 
     def linear_layers(self) -> list[nn.Module]:
-        return [m for b in self.blocks for m in (b.qkv, b.proj, b.fc1, b.fc2)]
+        return [m for b in self.blocks for m in (*b.seq_linears(), b.fc1, b.fc2)]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
-        h = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        h = self.tok(idx)
+        if self.pos is not None:
+            h = h + self.pos(torch.arange(t, device=idx.device))
         for b in self.blocks:
             h = b(h)
         return self.head(self.ln(h))
@@ -202,6 +248,8 @@ def _resume_key(cfg: CharLMConfig, name: str, steps: int) -> dict[str, Any]:
     cap = key.pop("max_lr_mult")
     if cap is not None and name != "dense":
         key["max_lr_mult"] = cap
+    if key.get("mixer") == "attention":  # runs from before --mixer existed stay reusable
+        key.pop("mixer")
     return key
 
 
@@ -237,7 +285,12 @@ def _reusable(saved: dict[str, Any] | None, key: dict[str, Any]) -> bool:
 
 def _model(cfg: CharLMConfig, vocab: int, structure: str) -> GPT:
     seed_everything(cfg.seed)
-    return GPT(vocab, structure, cfg.fraction, cfg.layers, cfg.d, cfg.heads, cfg.ctx)
+    return GPT(vocab, structure, cfg.fraction, cfg.layers, cfg.d, cfg.heads, cfg.ctx, mixer=cfg.mixer)
+
+
+def _say(msg: str) -> None:
+    """A progress line on stderr (where the progress bars go)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = False, progress: bool = True,
@@ -251,7 +304,9 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
     names, notes = available(cfg.structures)
     if "dense" in names:  # dense first: it sets the time budget
         names = ["dense"] + [n for n in names if n != "dense"]
+    say = _say if progress and ddist.is_main() else (lambda msg: None)
     train_ids, val_ids, vocab = wikipedia.char_splits(limit=cfg.text_limit)
+    say(f"Wikipedia text: {len(train_ids):,} training and {len(val_ids):,} validation characters")
     windows = val_windows(val_ids, cfg.ctx, cfg.eval_windows)
     get_batch = train_batches(train_ids, cfg.ctx, cfg.batch_size, cfg.seed)
     t_start = time.perf_counter()
@@ -264,8 +319,12 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
         except BudgetError as err:
             notes.append(f"{name}: skipped — {err}")
             names.remove(name)
+    if not models:
+        raise ValueError("nothing was trained: " + "; ".join(notes) + f" (fraction={cfg.fraction}; raise it or "
+                         "choose other structures)")
     step_time: dict[str, float] = {}
     bench_batch = get_batch(0)
+    say(f"measuring the step time of {len(models)} model(s), interleaved (3 rounds of 6 steps each) ...")
     for _ in range(3):
         for name, m in models.items():
             opt = torch.optim.AdamW(m.parameters(), lr=0.0)
@@ -330,7 +389,11 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
             r["val_bpc_equal_time"] = interpolate_at(r["history"], "train_time", dense["train_time"])
             r["val_bpc_equal_time_median"] = interpolate_at(r["history"], "median_time",
                                                             dense["history"][-1]["median_time"])
-    notes.insert(0, f"GPT {cfg.layers} layers, d={cfg.d}, {cfg.heads} heads, context {cfg.ctx}, batch "
+    notes.insert(0, ("" if cfg.mixer == "attention" else
+                     f"Sequence mixer: {cfg.mixer} (deftly.mixers.MonarchMixer: gated long convolution, implicit "
+                     f"filter {MIXER_FILTER}, no learned positions) in place of attention; its W_in / W_out "
+                     f"are the structured 'attention projections' below. ")
+                 + f"GPT {cfg.layers} layers, d={cfg.d}, {cfg.heads} heads, context {cfg.ctx}, batch "
                     f"{cfg.batch_size}; AdamW lr {cfg.lr} (warm-up {cfg.warmup}, then constant) with "
                     + ("structure-aware per-factor LRs" if cfg.mup else "one global LR")
                     + (f" capped at {cfg.max_lr_mult:g}x" if cfg.mup and cfg.max_lr_mult is not None else "")

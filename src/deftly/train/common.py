@@ -13,9 +13,10 @@ from torch import nn
 
 from ..core import registry
 from ..core.base import StructuredLinear
-from .budget import fit_budget
+from ..surgery.budget import choose_hparams
 
-__all__ = ["available", "budget_linear", "forward_flops", "linear_stats", "median_step_time", "seed_everything"]
+__all__ = ["available", "budget_linear", "check_counts", "check_structures", "forward_flops", "linear_stats",
+           "median_step_time", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -24,25 +25,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_structures(names: Iterable[str], what: str = "structures") -> tuple[str, ...]:
+    """``names`` as a tuple, each a registered structure named once. Unknown names raise ``ValueError``
+    listing the choices with the closest match (``'monarh'`` -> ``Did you mean 'monarch'?``); empty or
+    repeated names are refused too (a recipe must never skip a structure silently)."""
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a sequence of structure names, e.g. ('dense', 'monarch'), got the "
+                        f"string {names!r}")
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"{what} is empty; name at least one structure, e.g. dense,monarch")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: every entry must be a structure name (str), got {name!r}")
+        if not name.strip():
+            raise ValueError(f"{what} {list(names)} has an empty name; e.g. dense,monarch")
+        registry.get(name)  # unknown: ValueError with the choices and the closest match
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} names {', '.join(map(repr, dup))} more than once; name each structure once")
+    return names
+
+
+def check_counts(owner: str, optional: Iterable[str] = (), **values: Any) -> None:
+    """Each of ``values`` is an int >= 1 (those in ``optional`` may also be ``None``); else ``ValueError``
+    naming the value and its command-line flag."""
+    optional = set(optional)
+    for name, v in values.items():
+        if v is None and name in optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{owner}: {name}={v!r} is invalid; it must be a whole number >= 1 ({flag} N)"
+                             + (" or left unset" if name in optional else ""))
+
+
 def available(requested: Iterable[str]) -> tuple[list[str], list[str]]:
-    """``(registered, notes)``: the requested structures that are registered; a note for each missing one."""
-    have = set(registry.structures())
-    keep, notes = [], []
-    for name in requested:
-        if name in have:
-            keep.append(name)
-        else:
-            notes.append(f"{name}: not registered in this deftly build, skipped "
-                         f"(registered: {', '.join(sorted(have))})")
-    return keep, notes
+    """``(names, notes)``: the requested structures, checked by :func:`check_structures` (an unknown name
+    is an error naming the closest registered one, never a silent skip); ``notes`` is empty."""
+    return list(check_structures(requested)), []
 
 
 def budget_linear(structure: str, in_features: int, out_features: int, fraction: float,
                   bias: bool = True) -> StructuredLinear:
-    """``dense`` as is, any other structure with the hyperparameters of :func:`fit_budget`."""
+    """``dense`` as is, any other structure with the hyperparameters that :func:`deftly.structurize` would
+    choose for ``budget=fraction`` (the one budget solver, :func:`deftly.surgery.budget.choose_hparams`:
+    at most ``fraction`` of the dense weight, in the structure's preferred shape). Raises
+    :class:`deftly.surgery.budget.BudgetError` when nothing fits."""
     if structure == "dense":
         return registry.make("dense", in_features, out_features, bias)
-    hp, _ = fit_budget(structure, in_features, out_features, fraction)
+    hp = choose_hparams(structure, in_features, out_features, fraction, bias=bias)[0]
     return registry.make(structure, in_features, out_features, bias, **hp)
 
 

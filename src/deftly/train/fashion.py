@@ -9,7 +9,7 @@ Models (``model=``):
   (``width -> 2 width -> width``, the hidden layers), mean pooling, dense readout.
 
 Every structure gets the hyperparameters whose exact ``param_count`` comes closest to
-``fraction * in * out`` without exceeding it (:func:`deftly.train.budget.fit_budget`). All models train
+``fraction * in * out`` without exceeding it (:func:`deftly.surgery.budget.choose_hparams`, the solver ``structurize`` uses). All models train
 the same number of epochs with AdamW and structure-aware per-factor learning rates
 (:func:`deftly.train.mup.param_groups`), so the comparison is at equal epochs.
 """
@@ -17,6 +17,7 @@ the same number of epochs with AdamW and structure-aware per-factor learning rat
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +29,16 @@ from torch.nn import functional as F
 
 from .. import distributed as ddist
 from ..data import fashion_mnist
-from .budget import BudgetError
-from .common import available, budget_linear, forward_flops, linear_stats, seed_everything
+from ..surgery.budget import BudgetError
+from .common import (
+    available,
+    budget_linear,
+    check_counts,
+    check_structures,
+    forward_flops,
+    linear_stats,
+    seed_everything,
+)
 from .loop import TrainConfig, epoch_batches, train
 from .results import curves_plot, pareto_plot, write_json, write_run
 
@@ -57,14 +66,19 @@ class FashionConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        self.structures = tuple(self.structures)
+        self.structures = check_structures(self.structures)
         if self.model not in ("mlp", "mixer"):
             raise ValueError(f"model={self.model!r} is not a Fashion-MNIST model; use 'mlp' or 'mixer'")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction={self.fraction} must be in (0, 1], e.g. 0.1 for 10% of the hidden "
                              "layers' parameters")
-        if self.epochs < 1 or self.width < 1 or self.depth < 1:
-            raise ValueError("epochs, width and depth must be >= 1")
+        check_counts("FashionConfig", ("train_limit", "test_limit", "threads"), epochs=self.epochs, width=self.width,
+                     depth=self.depth, batch_size=self.batch_size, train_limit=self.train_limit,
+                     test_limit=self.test_limit, threads=self.threads)
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ValueError(f"FashionConfig: lr={self.lr!r} must be a positive number, e.g. 1e-3")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < float("inf")):
+            raise ValueError(f"FashionConfig: weight_decay={self.weight_decay!r} must be a number >= 0")
 
 
 class MLP(nn.Module):
@@ -191,6 +205,11 @@ def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, prog
     return row
 
 
+def _say(msg: str) -> None:
+    """A progress line on stderr (where the progress bars go)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run(cfg: FashionConfig, out_dir: str | Path = "runs/fashion-mnist", resume: bool = False,
         progress: bool = True, command: str | None = None, strategy: str = "none") -> dict[str, Any]:
     """Train every structure of ``cfg`` and write the run directory; returns the results dict.
@@ -201,16 +220,22 @@ def run(cfg: FashionConfig, out_dir: str | Path = "runs/fashion-mnist", resume: 
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
     names, notes = available(cfg.structures)
+    say = _say if progress and ddist.is_main() else (lambda msg: None)
     x, y = fashion_mnist.tensors("train", cfg.train_limit)
     xt, yt = fashion_mnist.tensors("test", cfg.test_limit)
+    say(f"Fashion-MNIST: {len(x):,} training and {len(xt):,} test images; {len(names)} model(s) to train")
     data = (x, y, xt, yt)
     rows = []
     t0 = time.perf_counter()
-    for name in names:
+    for i, name in enumerate(names):
+        say(f"[{i + 1}/{len(names)}] {name}")
         try:
             rows.append(_one(cfg, name, data, out, resume, progress, strategy))
         except BudgetError as err:
             notes.append(f"{name}: skipped — {err}")
+    if not rows:
+        raise ValueError("nothing was trained: " + "; ".join(notes) + f" (fraction={cfg.fraction}; raise it or "
+                         "choose other structures)")
     dense = next((r for r in rows if r["structure"] == "dense"), None)
     for r in rows:
         r["gap"] = (r["test_acc"] - dense["test_acc"]) if dense else None

@@ -238,15 +238,8 @@ def _load_state(state: dict[str, Any], ckpt: Path, model: nn.Module, run_model: 
     ddist.check_state_dict(run_model, state["model"], source=src)
     osd = state["optimizer"]
     if _is_legacy_optim(osd):
-        if distributed:
-            raise ValueError(f"{src}: the optimizer state is index-keyed (written by an older deftly); resume "
-                             "it once in a single process, which rewrites it keyed by parameter name")
-        try:  # Optimizer.load_state_dict checks the group sizes before it changes anything
-            optimizer.load_state_dict(osd)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{src}: optimizer state does not match this model's optimizer: {err}") from None
-        model.load_state_dict(state["model"])
-        return
+        raise ValueError(f"{src}: the optimizer state is index-keyed (written by a deftly before 0.1's name-keyed "
+                         "checkpoints) and cannot be checked against this model; start a new run directory")
     ddist.check_optimizer_state(run_model, optimizer, osd, src)
     ddist.load_full_state_dict(run_model, state["model"], source=src)
     ddist.load_full_optimizer_state_dict(run_model, optimizer, osd, source=src)

@@ -10,19 +10,21 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io.files import atomic_write_bytes
+from ..core.files import atomic_write_bytes
 
 __all__ = [
     "curves_plot",
     "markdown_table",
     "merge",
     "pareto_plot",
+    "plots_skipped_reason",
     "read_run",
     "versions",
     "write_json",
@@ -80,6 +82,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     sep = "| " + " | ".join("---" for _ in columns) + " |"
     body = ["| " + " | ".join(_fmt(r.get(k)).replace("|", "/") for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def plots_skipped_reason() -> str | None:
+    """Why plots cannot be drawn here (one line), or ``None`` when matplotlib is importable."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else "matplotlib is not installed (pip install matplotlib, or pip install 'deftly[plot]')"
 
 
 def _plt():
@@ -180,10 +193,11 @@ def write_run(out_dir: str | os.PathLike, *, recipe: str, config: dict[str, Any]
     wanted = list(plots)
     plots = [str(p) for p in wanted if p is not None]
     if len(plots) < len(wanted):
-        notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        notes.append(f"plots skipped: {plots_skipped_reason() or 'matplotlib could not draw them'}")
     if command is None and Path(sys.argv[0]).name == "deftly":
-        command = " ".join(["deftly", *sys.argv[1:]])
-    payload = {"recipe": recipe, "command": command, "config": config, "seed": config.get("seed"),
+        command = shlex.join(["deftly", *sys.argv[1:]])
+    payload = {"recipe": recipe, "command": command, "argv": list(sys.argv), "config": config,
+               "seed": config.get("seed"),
                "versions": versions(), "columns": [list(c) for c in columns], "rows": rows, "notes": notes,
                "plots": [Path(p).name for p in plots], **(extra or {})}
     write_json(out / "results.json", payload)

@@ -34,7 +34,7 @@ class Bluestein(Compose):
         b_ext[:n] = chirp.conj()
         b_ext[M - n + 1:] = chirp.conj()[1:].flip(0)  # b_{-m} = b_m at M - m
         # F_M b_ext in complex128 with the same radix-2 factors, scaled by 1/M for the unscaled inverse
-        fb = Radix2(M, -1, bitrev=True, dtype=torch.complex128)._apply(b_ext.unsqueeze(1)).squeeze(1) / M
+        fb = Radix2(M, -1, bitrev=True, dtype=torch.complex128)._apply_cols(b_ext.unsqueeze(1)).squeeze(1) / M
         super().__init__([
             Diagonal(chirp, dtype),
             Gather.pad(n, M, dtype),

@@ -68,7 +68,8 @@ class Derivative:
         if n < 2 * w + 1:
             raise ValueError(f"derivative: n={n} is too small for the {method} stencil of width {2 * w + 1}; "
                              f"use n >= {2 * w + 1} or method='spectral'")
-        band = deftly.make("banded", n, n, bias=False, lower=w, upper=w, dtype=dtype)
+        # built in float64 (the operator remembers exact coefficients, so casts recompute them), then cast
+        band = deftly.make("banded", n, n, bias=False, lower=w, upper=w, dtype=torch.float64)
         i = torch.arange(n)
         rows, cols, vals = [], [], []
         with torch.no_grad():
@@ -76,13 +77,13 @@ class Derivative:
             for d in range(2 * w + 1):  # weight[d, i] is the entry (i, i + d - w)
                 j = i + d - w
                 inside = (j >= 0) & (j < n)
-                band.weight[d, inside] = coef[d].to(dtype)
+                band.weight[d, inside] = coef[d]
                 rows.append(i[~inside])
                 cols.append(j[~inside] % n)  # periodic wrap-around
                 vals.append(coef[d].expand(int((~inside).sum())))
         band.requires_grad_(False)
-        corners = SparseMatrix(torch.cat(rows), torch.cat(cols), torch.cat(vals), (n, n), dtype)
-        return Sum([LayerOperator(band), corners])
+        corners = SparseMatrix(torch.cat(rows), torch.cat(cols), torch.cat(vals), (n, n), torch.float64)
+        return Sum([LayerOperator(band), corners]).to(dtype)
 
 
 def derivative(n: int, method: str = "spectral", length: float = 2 * math.pi, *, order: int = 1,

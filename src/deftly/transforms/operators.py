@@ -15,15 +15,27 @@ circulant, Toeplitz, derivatives) is a :class:`Compose` of a few kinds of factor
   circulants); :class:`SparseMatrix`, :class:`Sum`, :class:`LayerOperator` for corrections and sums.
 
 **Layout.** Internally every operator maps batch-last columns ``h: (n_in, cols) -> (n_out, cols)``
-(``_apply``), so a chain of factors never transposes; ``forward`` transposes once on the way in and out.
+(``_apply_cols``), so a chain of factors never transposes; ``forward`` transposes once on the way in and
+out.
 
-**Three independent paths.** ``_apply`` (fast: reshapes and batched elementwise ops), ``_reference_matmul``
-(slow loops over pairs/blocks/entries) and :meth:`Operator.sparse_factors` — the explicit list of sparse
-COO matrices whose product is the operator; ``to_dense()`` multiplies them out and never calls the fast
-path, so tests comparing the three are not circular.
+**Three independent paths.** ``_apply_cols`` (fast: reshapes and batched elementwise ops),
+``_reference_matmul`` (slow loops over pairs/blocks/entries) and :meth:`Operator.sparse_factors` — the
+explicit list of sparse COO matrices whose product is the operator; ``to_dense()`` multiplies them out and
+never calls the fast path, so tests comparing the three are not circular.
 
-Operators are built for one dtype (``dtype=`` of the builders); convert by rebuilding, not with
-``.to(dtype)`` (``.to(device)`` is fine).
+**Casts and moves.** Operators are ordinary modules: ``.to(device)``, ``.cuda()``, ``.to(dtype)``,
+``.double()``, ``.float()``, ``state_dict`` and ``copy.deepcopy`` work. An operator has one *precision*
+(single or double; half / bfloat16 for purely real ones) and keeps its *kind*: a cast changes the
+precision of every factor, real stays real and complex stays complex. So ``dft(n).to(torch.complex64)``
+is the complex64 DFT, and so is ``dft(n).to(torch.float32)`` (as ``dft(n, dtype=torch.float32)``: a
+real dtype names the precision of a complex operator); ``.double()`` gives complex128. A real operator
+(real inputs: Hadamard, DCT, derivatives, real circulants) refuses a complex dtype (its factors take
+real parts), and an operator with complex factors refuses float16 / bfloat16 (torch has no complex
+bfloat16) — both with a ``TypeError`` naming the fix. Every constant (twiddles, diagonals, small dense
+blocks, index maps) is remembered exactly (float64 / complex128, on the CPU) when the operator is built,
+and a cast recomputes the buffers from it: ``dft(n, dtype=torch.complex64).to(torch.complex128)`` is
+bit-for-bit ``dft(n)``, and ``.to("meta")`` then ``.to_empty(device="cpu")`` gives the operator back.
+A constant changed in place since (a trained ``LayerOperator``) is cast from its current value instead.
 
 **FLOPs** are the real floating-point operations the fast path executes: real add or multiply 1, complex
 add 2, complex x complex multiply 6, real x complex multiply 2, a multiply-add 2 (8 if complex). Gathers,
@@ -34,7 +46,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +54,7 @@ from torch.nn import functional as F
 
 from ..core.base import StructuredLinear
 from ..layers.butterfly import bit_reversal, radix2_twiddles, stage_positions
+from .casting import cast, exact_copy
 
 __all__ = [
     "REAL_PART",
@@ -77,7 +90,7 @@ def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 class Operator(StructuredLinear):
     """A fixed linear operator ``(*, in_features) -> (*, out_features)`` with buffers, no parameters.
 
-    Subclasses implement ``_apply(h)`` on batch-last columns, ``_reference_matmul(x)`` on rows,
+    Subclasses implement ``_apply_cols(h)`` on batch-last columns, ``_reference_matmul(x)`` on rows,
     ``sparse_factors()`` and ``row_flops()``.
     """
 
@@ -88,9 +101,21 @@ class Operator(StructuredLinear):
         super().__init__(in_features, out_features, bias=False)
         self.in_dtype = in_dtype
         self.out_dtype = out_dtype if out_dtype is not None else in_dtype
+        #: qualified tensor name -> its exact value (float64 / complex128 / integer, CPU): casts start here
+        self._exact: dict[str, Tensor] = {}
+
+    def _constant(self, name: str, value: Tensor | None, dtype: torch.dtype | None = None) -> None:
+        """Register the non-persistent buffer ``name`` = ``value`` in ``dtype`` (default: its own) and
+        remember ``value`` exactly, so that casts recompute the buffer instead of re-rounding it."""
+        if value is None:
+            self.register_buffer(name, None, persistent=False)
+            return
+        dtype = value.dtype if dtype is None else dtype
+        self.register_buffer(name, value.to(dtype), persistent=False)
+        self._exact[name] = exact_copy(value, dtype)
 
     # ------------------------------------------------------------------ to implement
-    def _apply(self, h: Tensor) -> Tensor:  # (in, cols) -> (out, cols)
+    def _apply_cols(self, h: Tensor) -> Tensor:  # (in, cols) -> (out, cols)
         raise NotImplementedError
 
     def sparse_factors(self) -> list:
@@ -111,12 +136,22 @@ class Operator(StructuredLinear):
         pass
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return self._apply(x.to(self.in_dtype).T.contiguous()).T  # (batch, out)
+        return self._apply_cols(x.to(self.in_dtype).T.contiguous()).T  # (batch, out)
 
     def _device(self) -> torch.device:
-        for b in self.buffers():
-            return b.device
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            return t.device
         return torch.device("cpu")
+
+    # ------------------------------------------------------------------ casts and moves
+    def precision(self) -> torch.dtype:
+        """The real dtype of the operator's precision (float64 for a complex128 operator)."""
+        return self.in_dtype.to_real() if self.in_dtype.is_complex else self.in_dtype
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
+        """``nn.Module``'s hook behind ``.to`` / ``.double()`` / ``.cuda()`` / ``.to_empty()``: one precision
+        and device for the whole operator, constants recomputed (:func:`~deftly.transforms.casting.cast`)."""
+        return cast(self, fn)
 
     def to_dense(self) -> Tensor:
         """The ``(out, in)`` matrix as the product of :meth:`sparse_factors` (never the fast path),
@@ -172,9 +207,9 @@ class Compose(Operator):
                          out_dtype=flat[-1].out_dtype)
         self.ops = nn.ModuleList(flat)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         for op in self.ops:
-            h = op._apply(h)
+            h = op._apply_cols(h)
         return h
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -197,7 +232,7 @@ class Gather(Operator):
         if index.numel() and (index.min() < 0 or index.max() > in_features):
             raise ValueError(f"Gather: index values must lie in [0, {in_features}]")
         super().__init__(in_features, index.numel(), in_dtype=dtype)
-        self.register_buffer("index", index, persistent=False)
+        self._constant("index", index)
         self.has_zeros = bool((index == in_features).any())
 
     @classmethod
@@ -214,7 +249,7 @@ class Gather(Operator):
         src = torch.cat([self.index, self.index.new_tensor([self.in_features])])  # sentinel stays a zero
         return Gather(src[other.index], self.in_features, self.in_dtype)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         if self.has_zeros:
             h = F.pad(h, (0, 0, 0, 1))  # row in_features is the zero row
         return h.index_select(0, self.index)
@@ -248,9 +283,9 @@ class Diagonal(Operator):
             raise ValueError(f"Diagonal: complex entries need a complex dtype, got {dtype}")
         super().__init__(d.numel(), d.numel(), in_dtype=dtype)
         target = dtype if d.is_complex() else dtype.to_real() if dtype.is_complex else dtype
-        self.register_buffer("d", d.to(target), persistent=False)
+        self._constant("d", d, target)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         return h * self.d.unsqueeze(1)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -271,7 +306,7 @@ class Scale(Operator):
         super().__init__(n, n, in_dtype=dtype)
         self.s = float(s)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         return h * self.s
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -305,16 +340,16 @@ class Radix2(Operator):
             raise ValueError(f"Radix2: an FFT (sign={sign}) needs a complex dtype, got {dtype}")
         super().__init__(n, n, in_dtype=dtype)
         self.n, self.sign, self.log_n = n, sign, n.bit_length() - 1
-        self.register_buffer("bitrev", bit_reversal(n) if bitrev else None, persistent=False)
+        self._constant("bitrev", bit_reversal(n) if bitrev else None)
         # stage of stride s owns twiddles[s - 1 : 2s - 1] (n - 1 in all)
         tw = torch.cat(radix2_twiddles(n, sign)) if (sign is not None and n > 1) \
             else torch.zeros(0, dtype=torch.complex128)
-        self.register_buffer("twiddles", tw.to(dtype) if sign is not None else None, persistent=False)
+        self._constant("twiddles", tw if sign is not None else None, dtype)
 
     def strides(self) -> list[int]:
         return [1 << j for j in range(self.log_n)]
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         cols = h.shape[1]
         if self.bitrev is not None:
             h = h.index_select(0, self.bitrev)
@@ -397,9 +432,9 @@ class KronIdentity(Operator):
                          out_dtype=inner.out_dtype)
         self.inner, self.q = inner, q
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         cols = h.shape[1]
-        y = self.inner._apply(h.reshape(self.inner.in_features, self.q * cols))  # (m', q * cols)
+        y = self.inner._apply_cols(h.reshape(self.inner.in_features, self.q * cols))  # (m', q * cols)
         return y.reshape(self.out_features, cols)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -432,9 +467,9 @@ class DenseMatrix(Operator):
 
     def __init__(self, M: Tensor, dtype: torch.dtype) -> None:
         super().__init__(M.shape[1], M.shape[0], in_dtype=dtype)
-        self.register_buffer("M", M.to(dtype), persistent=False)
+        self._constant("M", M, dtype)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         return self.M @ h
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -453,7 +488,7 @@ class ToComplex(Operator):
     def __init__(self, n: int, dtype: torch.dtype) -> None:
         super().__init__(n, n, in_dtype=dtype, out_dtype=dtype.to_complex())
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         return h.to(self.out_dtype)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -474,9 +509,9 @@ class RealPart(Operator):
 
     def __init__(self, n: int, dtype: torch.dtype, d: Tensor | None = None) -> None:
         super().__init__(n, n, in_dtype=dtype, out_dtype=dtype.to_real())
-        self.register_buffer("d", None if d is None else d.to(dtype), persistent=False)
+        self._constant("d", d, dtype)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         if self.d is None:
             return h.real
         d = self.d.unsqueeze(1)
@@ -500,11 +535,11 @@ class SparseMatrix(Operator):
     def __init__(self, rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int],
                  dtype: torch.dtype) -> None:
         super().__init__(shape[1], shape[0], in_dtype=dtype)
-        self.register_buffer("rows", torch.as_tensor(rows, dtype=torch.long), persistent=False)
-        self.register_buffer("cols", torch.as_tensor(cols, dtype=torch.long), persistent=False)
-        self.register_buffer("vals", torch.as_tensor(vals).to(dtype), persistent=False)
+        self._constant("rows", torch.as_tensor(rows, dtype=torch.long))
+        self._constant("cols", torch.as_tensor(cols, dtype=torch.long))
+        self._constant("vals", torch.as_tensor(vals), dtype)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         contrib = self.vals.unsqueeze(1) * h.index_select(0, self.cols)  # (nnz, cols)
         return h.new_zeros(self.out_features, h.shape[1]).index_add(0, self.rows, contrib)
 
@@ -529,8 +564,10 @@ class LayerOperator(Operator):
         out = layer.to_dense().dtype
         super().__init__(layer.in_features, layer.out_features, in_dtype=wd, out_dtype=out)
         self.layer = layer
+        for qual, t in itertools.chain(layer.named_parameters(), layer.named_buffers()):
+            self._exact[f"layer.{qual}"] = exact_copy(t)
 
-    def _apply(self, h: Tensor) -> Tensor:
+    def _apply_cols(self, h: Tensor) -> Tensor:
         return self.layer._matmul(h.T).T
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -556,10 +593,10 @@ class Sum(Operator):
         super().__init__(a.in_features, a.out_features, in_dtype=a.in_dtype, out_dtype=a.out_dtype)
         self.ops = nn.ModuleList(ops)
 
-    def _apply(self, h: Tensor) -> Tensor:
-        y = self.ops[0]._apply(h)
+    def _apply_cols(self, h: Tensor) -> Tensor:
+        y = self.ops[0]._apply_cols(h)
         for op in self.ops[1:]:
-            y = y + op._apply(h)
+            y = y + op._apply_cols(h)
         return y
 
     def _reference_matmul(self, x: Tensor) -> Tensor:

@@ -79,7 +79,7 @@ def _circulant_ops(col: Tensor, dtype: torch.dtype) -> list[Operator]:
     """Factors of ``F^{-1} diag(F col) F`` (real ``dtype``: cast in, real part out)."""
     n = col.numel()
     cdtype = dtype if dtype.is_complex else dtype.to_complex()
-    fc = dft_plan(n, -1, torch.complex128)._apply(col.to(torch.complex128).unsqueeze(1)).squeeze(1)
+    fc = dft_plan(n, -1, torch.complex128)._apply_cols(col.to(torch.complex128).unsqueeze(1)).squeeze(1)
     ops: list[Operator] = [] if dtype.is_complex else [ToComplex(n, dtype)]
     ops += [dft_plan(n, -1, cdtype), Diagonal(fc / n, cdtype), dft_plan(n, 1, cdtype)]
     if not dtype.is_complex:
@@ -102,7 +102,7 @@ class Circulant(Compose):
         if c.is_complex() and not dtype.is_complex:
             raise TypeError(f"circulant: c is complex but dtype={dtype}; pass a complex dtype")
         super().__init__(_circulant_ops(c, dtype))
-        self.register_buffer("c", c.to(dtype), persistent=False)
+        self._constant("c", c, dtype)
 
 
 def circulant(c, *, dtype=None) -> Circulant:
@@ -175,8 +175,8 @@ class CircularConv1d(StructuredLinear):
     def _matmul(self, x: Tensor) -> Tensor:
         cd = self.fft.in_dtype
         h = F.pad(x, (0, self.n - self.in_features)).T.to(cd)  # (n, batch)
-        fw = self.fft._apply(self._kernel_column().to(cd).unsqueeze(1)) / self.n  # (n, 1)
-        y = self.ifft._apply(fw * self.fft._apply(h))[:self.out_features].T  # (batch, out)
+        fw = self.fft._apply_cols(self._kernel_column().to(cd).unsqueeze(1)) / self.n  # (n, 1)
+        y = self.ifft._apply_cols(fw * self.fft._apply_cols(h))[:self.out_features].T  # (batch, out)
         return y if self.weight.is_complex() else y.real
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
