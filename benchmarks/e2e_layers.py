@@ -181,11 +181,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (robust on a loaded machine with --threads 1)")
+    ap.add_argument("--keep-triton-probe", action="store_true",
+                    help="leave deftly's per-call Triton availability probe in (forced backends)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     CLOCK[0] = time.perf_counter if args.clock == "wall" else time.process_time
     import deftly
+    import deftly.kernels
+
+    if not args.keep_triton_probe:
+        # a forced backend re-evaluates every backend's availability on every call, and the Triton one runs
+        # importlib.util.find_spec("triton") each time (~70 us CPU, ~0.6 ms wall on the loaded machine):
+        # not what we want to time here (it is reported separately in docs/speed_e2e.md)
+        from deftly.kernels import triton_kernels
+
+        triton_kernels.available = lambda device=None: False
     from deftly.kernels import dispatch
 
     rows_out = []

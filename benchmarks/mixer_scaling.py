@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import math
 import os
@@ -106,8 +107,19 @@ def _status_kib(field: str) -> int | None:
 
 
 def probe(item: str, T: int, d: int, heads: int, tokens: int) -> dict:
-    """Run in a fresh process: peak additional RSS (MiB) of one forward and of forward + backward."""
-    fwd, gy, _ = make_case(item, T, d, heads, tokens)
+    """Run in a fresh process: peak additional RSS (MiB) of one forward and of forward + backward, in steady
+    state for the mixers (one warm-up step first: compiled kernels, FFT plans and buffer pools it creates
+    are in the baseline, freed memory is returned to the OS by ``malloc_trim``); for sdpa a small warm-up
+    problem starts the libraries and the measured one runs once."""
+    if item == "sdpa":  # library start-up on a small problem; the large one runs cold (no caches to fill)
+        f0, g0, _ = make_case(item, min(T, 256), d, heads, min(T, 256))
+        f0().backward(g0)
+        del f0, g0
+    fwd, gy, leaves = make_case(item, T, d, heads, tokens)
+    if item != "sdpa":
+        fwd().backward(gy)
+        for p in leaves:
+            p.grad = None
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -141,7 +153,7 @@ def run_probe(item: str, T: int, args) -> dict:
     cmd = [sys.executable, __file__, "--probe", item, str(T), "--d", str(args.d), "--heads", str(args.heads),
            "--tokens", str(args.tokens), "--threads", str(args.threads_used)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads_used))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         return {"item": item, "T": T, "error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -210,7 +222,7 @@ def crossover(lengths: list[int], mine: dict, theirs: dict) -> dict:
             faster_from = T
             break
     interp = None
-    for a, b in zip(common, common[1:]):
+    for a, b in itertools.pairwise(common):
         ra, rb = mine[a] / theirs[a], mine[b] / theirs[b]
         if ra >= 1 > rb:
             w = math.log(ra) / (math.log(ra) - math.log(rb))
@@ -252,6 +264,8 @@ def measure(args) -> dict:
         for it, step in steps.items():
             first[it] = step()
             print(f"  T={T:6d} {it:15s} first run fwd {first[it][0]:8.3f} s, fwd+bwd {first[it][1]:8.3f} s", flush=True)
+            if it != "sdpa":  # first calls compile/plan (deftly's Monarch kernel, FFT plans): a second warm-up
+                first[it] = step()
         short = [it for it in steps if first[it][1] < LONG_S]
         for r in range(args.rounds):
             order = short[r % len(short):] + short[: r % len(short)] if short else []
@@ -307,10 +321,10 @@ def write_report(args, data: dict) -> str:
     lines = [f"# Mixer scaling: one MonarchMixer block vs causal SDPA ({data['meta']['date']})", ""]
     m = data["meta"]
     lines += [f"Command: `{m['command']}`", "",
-              f"torch {m['torch']} ({m['cpu']}), {m['threads']} thread(s), allocator: {m['allocator']}; "
+              (f"torch {m['torch']} ({m['cpu']}), {m['threads']} thread(s), allocator: {m['allocator']}; "
               f"d={args.d}, heads={args.heads}, {args.tokens:,} tokens per batch (batch = tokens / T); "
               f"load average {m['load_start']:.2f} at start, {m['load_end']:.2f} at end; total "
-              f"{m['wall_s']:.0f} s.", ""]
+              f"{m['wall_s']:.0f} s."), ""]
     if ex:
         lines += ["## Exactness (float64, against the direct O(T^2) convolution)", "",
                   "max |y - y_ref| / max |y_ref| per FFT path (batch 1, 4 channels, N(0,1) signal and filter):", "",
@@ -324,17 +338,17 @@ def write_report(args, data: dict) -> str:
                 lines.append(f"| {r['T']} | " + " | ".join(f"{r[p]:.1e}" for p in ("torch", "monarch", "butterfly"))
                              + f" | {r['n_torch']} / {r['n_monarch']} / {r['n_butterfly']} |")
         worst = max(max(r[p] for p in ("torch", "monarch", "butterfly")) for r in ex["rows"])
-        lines += ["", f"Worst over all T and paths: {worst:.1e} (target <= 1e-10: "
-                      f"{'met' if worst <= 1e-10 else 'MISSED'}).", ""]
+        lines += ["", (f"Worst over all T and paths: {worst:.1e} (target <= 1e-10: "
+                      f"{'met' if worst <= 1e-10 else 'MISSED'})."), ""]
         lines += ["Causality at T = " + str(next(iter(ex["causality"].values()))["T"]) + ": "
                   + "; ".join(f"{p}: {c['nonzero_future_gradients']} nonzero gradients d y[t] / d x[t' > t] "
                               f"over outputs t in {c['outputs_checked']}, forward leakage "
                               f"{c['forward_leakage_rel']:.1e} (past outputs' change when only the future "
                               f"changes, relative)" for p, c in ex["causality"].items()), ""]
     lines += ["## Time and peak memory", "",
-              "Median seconds per call (fwd: forward with autograd graph; f+b: forward + backward); "
+              ("Median seconds per call (fwd: forward with autograd graph; f+b: forward + backward); "
               "`x sdpa`: sdpa's time / this item's (fwd+bwd); peak MiB: additional resident memory of one "
-              "forward+backward in a fresh process.", "",
+              "forward+backward in a fresh process."), "",
               "| T | batch | item | fwd s | f+b s | x sdpa (f+b) | peak MiB (fwd / f+b) | runs |",
               "|---|---|---|---|---|---|---|---|"]
     for T in args.lengths:
@@ -354,9 +368,9 @@ def write_report(args, data: dict) -> str:
                          f"{_fmt(ratio, '.2f') + 'x' if ratio else '-'} | {mstr} | {v['runs']}"
                          f"{'' if v['warmed_up'] else ' (cold)'} |")
     lines += ["", f"## Fitted exponents (log-log least squares over T = {args.fit_range[0]}..{args.fit_range[1]})", "",
-              "At constant tokens per batch, time ~ T^b: b ~ 0 for an O(T log T) mixer (per-token cost "
+              ("At constant tokens per batch, time ~ T^b: b ~ 0 for an O(T log T) mixer (per-token cost "
               "~ log T), b ~ 1 for attention. Per sequence (fixed batch), time ~ T^(b+1): the target "
-              "`exponent <= 1.2` applies to this one.", "",
+              "`exponent <= 1.2` applies to this one."), "",
               "| item | b (fwd) | b (f+b) | per-sequence exponent (fwd) | per-sequence exponent (f+b) | points |",
               "|---|---|---|---|---|---|"]
     for it, e in data["summary"]["exponents"].items():
@@ -415,10 +429,30 @@ def plot(args, data: dict) -> None:
     plt.close(fig)
 
 
+ALLOCATORS = {"glibc": {}, "glibc-nommap": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"},
+              "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
+
+
 def allocator() -> str:
-    env = {k: os.environ[k] for k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_MMAP_MAX_",
-                                      "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
-    return "glibc (default)" if not env else "glibc with " + ", ".join(f"{k}={v}" for k, v in env.items())
+    """The malloc configuration of this process (as ``deftly bench`` names them)."""
+    name = "glibc"
+    if "mmap_max=0" in os.environ.get("GLIBC_TUNABLES", ""):
+        name = "glibc-nommap (GLIBC_TUNABLES: no mmap, no trim: freed memory is reused without page faults)"
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
+        name += " + THP_MEM_ALLOC_ENABLE=1"
+    if os.environ.get("LD_PRELOAD"):
+        name += f" + LD_PRELOAD={os.environ['LD_PRELOAD']}"
+    return name if name != "glibc" else "glibc (default settings)"
+
+
+def reexec_with_allocator(args, argv) -> None:
+    """Restart this script with the environment of ``--allocator`` (malloc reads it at start-up)."""
+    env_add = ALLOCATORS[args.allocator]
+    if all(os.environ.get(k) == v for k, v in env_add.items()):
+        return
+    env = dict(os.environ, **env_add)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
 
 
 def wait_quiet(limit: float, max_wait: float) -> None:
@@ -448,6 +482,9 @@ def parse(argv=None):
     ap.add_argument("--no-exactness", action="store_true")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="wait up to SECONDS for the load average to drop below 1 before measuring")
+    ap.add_argument("--allocator", choices=sorted(ALLOCATORS), default="glibc",
+                    help="malloc settings for every item alike (default glibc as is; glibc-nommap keeps freed "
+                         "memory, thp: torch's transparent huge pages)")
     ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/mixer_scaling[.quick])")
     ap.add_argument("--probe", nargs=2, metavar=("ITEM", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -461,7 +498,8 @@ def parse(argv=None):
         args.lengths = args.lengths or [256, 1024, 4096, 16384, 65536]
         args.exact_lengths = EXACT_T
         args.fit_range = (1024, 65536)
-    args.out = args.out or ("benchmarks/results/mixer_scaling" + (".quick" if args.quick else ""))
+    args.out = args.out or ("benchmarks/results/mixer_scaling" + ("" if args.allocator == "glibc" else
+                                                                   f".{args.allocator}") + (".quick" if args.quick else ""))
     bad = [i for i in args.items if i not in ITEMS]
     if bad:
         ap.error(f"unknown items {bad}; choose from {', '.join(ITEMS)}")
@@ -474,6 +512,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(int(args.threads))
         print(json.dumps(probe(args.probe[0], int(args.probe[1]), args.d, args.heads, args.tokens)))
         return 0
+    reexec_with_allocator(args, argv)
     if args.wait_quiet:
         wait_quiet(1.0, args.wait_quiet)
     load0 = load_average()
@@ -490,7 +529,7 @@ def main(argv=None) -> int:
     memory = {}
     if not args.no_memory:
         print("memory (one subprocess per configuration) ...", flush=True)
-        for T in args.lengths:
+        for T in (args.lengths[-1:] if args.quick else args.lengths):  # --quick: the largest T only
             for it in args.items:
                 v = res["times"][it].get(T, {})
                 if "skipped" in v or (args.memory_items and it not in args.memory_items):

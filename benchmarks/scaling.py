@@ -106,7 +106,7 @@ def train_arm(structure: str, width: int, lr: float, args: argparse.Namespace, d
         loss_t.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        loss = float(loss_t)
+        loss = loss_t.item()
         if not math.isfinite(loss):
             break
     model.eval()

@@ -26,6 +26,7 @@ weight, a 0-d parameter, an unused parameter, mixed dtypes and a Parameter attri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -215,7 +216,7 @@ def _worker(workdir: Path) -> None:
                 if info.is_main:
                     save(cdir / f"dist_{strategy}_resumed4.ckpt", {"model": sd})
                 rec["ok"] = True
-            except Exception:  # recorded; both ranks run the same code, so both fail alike
+            except Exception:  # noqa: BLE001 - recorded; both ranks run the same code, so both fail alike
                 rec["error"] = traceback.format_exc()[-3000:]
                 print(f"rank {info.rank} {key} FAILED:\n{rec['error']}", file=sys.stderr, flush=True)
             results[key] = rec
@@ -256,31 +257,34 @@ def _launch_once(workdir: Path, attempt: int, nproc: int, timeout: float) -> tup
     """One launch of ``nproc`` workers; ``(exit codes, worker logs)``."""
     store = _agent_store(nproc)
     procs = []
+    codes: list = []
     try:
-        for rank in range(nproc):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
-                       TORCHELASTIC_USE_AGENT_STORE="True", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-            env.pop("CUDA_VISIBLE_DEVICES", None)
-            log = open(workdir / f"attempt{attempt}_rank{rank}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(workdir)], env=env,
-                                           stdout=log, stderr=subprocess.STDOUT), log))
-        deadline = time.monotonic() + timeout
-        codes: list = []
-        for p, log in procs:
+        with contextlib.ExitStack() as logs_open:  # the workers' log files, closed once the workers are gone
             try:
-                codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                for q, _ in procs:
-                    q.kill()
-                    q.wait()
-                codes.append(f"timeout after {timeout:.0f} s")
+                for rank in range(nproc):
+                    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                               LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True",
+                               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+                    env.pop("CUDA_VISIBLE_DEVICES", None)
+                    log = logs_open.enter_context(open(workdir / f"attempt{attempt}_rank{rank}.log", "w"))
+                    procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(workdir)],
+                                                  env=env, stdout=log, stderr=subprocess.STDOUT))
+                deadline = time.monotonic() + timeout
+                for p in procs:
+                    try:
+                        codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+                    except subprocess.TimeoutExpired:
+                        for q in procs:
+                            q.kill()
+                            q.wait()
+                        codes.append(f"timeout after {timeout:.0f} s")
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
     finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
         del store
     logs = [(workdir / f"attempt{attempt}_rank{r}.log").read_text()[-4000:] for r in range(nproc)]
     return codes, logs

@@ -453,7 +453,7 @@ def ddp_run(tmp_path_factory):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         env.pop("CUDA_VISIBLE_DEVICES", None)
-        log = open(workdir / f"rank{rank}.log", "w")
+        log = open(workdir / f"rank{rank}.log", "w")  # noqa: SIM115  (closed after the wait below)
         procs.append((subprocess.Popen([sys.executable, __file__, "--ddp-worker", str(workdir)], env=env,
                                        stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + 180
@@ -503,12 +503,12 @@ def test_charlm_unknown_mixer_lists_choices():
 
 
 def test_charlm_recipe_end_to_end_with_the_mixer(tmp_path):
-    from deftly.data import wikipedia
+    from deftly.data import MissingDataError, wikipedia
 
     try:
         wikipedia.char_splits(limit=30_000)
-    except Exception as err:  # the text is an optional download
-        pytest.skip(f"Wikipedia text unavailable: {err}")
+    except MissingDataError as err:  # the text is an optional download
+        pytest.skip(str(err))
     from deftly.train.charlm import CharLMConfig, run
 
     cfg = CharLMConfig(structures=("dense", "lowrank"), layers=1, d=32, heads=2, ctx=16, batch_size=4, steps=4,

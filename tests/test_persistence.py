@@ -328,7 +328,15 @@ def test_densify_keeps_frozen_layers_frozen_and_is_atomic(saved):
     m[0].requires_grad_(False)
     densify(m)
     assert not m[0].weight.requires_grad and not m[0].bias.requires_grad and m[2].weight.requires_grad
-    model = nn.Sequential(deftly.make("lowrank", 8, 8, rank=2), T.dft(8))
-    with pytest.raises(ValueError, match=r"layer '1' \(DFT\) has a complex weight; a dense Linear cannot hold it"):
+    model = nn.Sequential(deftly.make("lowrank", 8, 8, rank=2), deftly.make("butterfly", 8, 8, complex=True))
+    with pytest.raises(ValueError, match=r"layer '1' \(butterfly\) has a complex weight; a dense Linear "
+                                         r"cannot hold it"):
         densify(model)
     assert type(model[0]).__name__ == "LowRank"  # nothing was swapped
+    # a fixed transform is not a structured layer (it replaced no Linear): densify leaves it in place
+    model = nn.Sequential(deftly.make("lowrank", 8, 8, rank=2), T.hadamard(8, dtype=torch.float32))
+    x = torch.randn(3, 8)
+    y = model(x)
+    densify(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is T.Hadamard
+    torch.testing.assert_close(model(x), y)

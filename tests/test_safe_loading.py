@@ -36,6 +36,7 @@ import deftly
 from deftly import distributed as ddist
 
 safetensors = pytest.importorskip("safetensors")
+from deftly.io import persist
 from deftly.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 IN, OUT = 12, 20
@@ -229,7 +230,6 @@ def test_train_resume_with_mismatched_checkpoint(tmp_path):
 
 
 # --------------------------------------------------------------------------- deftly.load
-from deftly.io import persist  # noqa: E402
 
 
 def needs_persist(f):  # kept as a marker for the deftly.load tests below

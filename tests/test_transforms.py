@@ -148,7 +148,12 @@ def test_operator_composes_with_library_layers():
     torch.testing.assert_close(op(x), expect.detach())
     torch.testing.assert_close(op.to_dense(), (lin.to_dense() @ T.dft(16).to_dense()).detach())
     assert op.flops() == T.dft(16).flops() + lin.flops()
-    assert isinstance(op, deftly.StructuredLinear) and op.num_params() == 256
+    # an operator is its own kind of module (not a layer); the layer inside keeps its trainable weights
+    assert isinstance(op, T.Operator) and not isinstance(op, deftly.StructuredLinear)
+    assert op.num_params() == 256 and op.bias is None
+    op(x).abs().pow(2).sum().backward()
+    (w,) = lin.parameters()
+    assert w.grad is not None and w.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------ relatives
@@ -343,6 +348,11 @@ def test_butterfly_inits_equal_the_operators(n):
     (lambda: T.derivative(16, length=-1.0), r"length=-1.0"),
     (lambda: T.circulant(torch.zeros(2, 2)), r"c must be a non-empty 1-D"),
     (lambda: T.CircularConv1d(8, 8, kernel_size=9), r"kernel_size=9"),
+    (lambda: T.Compose([T.hadamard(8), torch.nn.Linear(8, 8, dtype=F64)]),
+     r"LayerOperator: layer must be a deftly.StructuredLinear.*got Linear"),
+    (lambda: T.hadamard(8)(torch.randn(2, 6, dtype=F64)), r"last dimension 6 but in_features=8"),
+    (lambda: T.hadamard(8)(torch.randn(2, 8)), r"torch.float32 does not match the operator's torch.float64"),
+    (lambda: T.dft(8).to("meta")(torch.randn(2, 8)), r"input is on device cpu but the operator is on meta"),
 ])
 def test_errors_name_the_bad_value(call, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):

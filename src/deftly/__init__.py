@@ -11,6 +11,8 @@ Model-level tools are imported on first use (``import deftly`` stays light): ``d
 ``deftly.densify``, ``deftly.save_pretrained`` / ``deftly.from_pretrained`` (Hugging Face models).
 """
 
+import typing as _typing  # private: dir(deftly) lists only the public API and subpackages
+
 from .core.base import StructuredLinear
 from .core.registry import get, make, register, structures
 
@@ -32,7 +34,7 @@ __all__ = [
     "structures",
     "structurize",
 ]
-from ._version import __version__
+from ._version import __version__ as __version__  # re-exported
 
 # name -> (module, attribute), imported on first access (PEP 562)
 _LAZY = {
@@ -67,7 +69,7 @@ _SUBMODULES = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _typing.Any:
     if name in _LAZY:
         import importlib
 

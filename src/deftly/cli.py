@@ -21,11 +21,13 @@ import os
 import pkgutil
 import shlex
 import sys
+from types import ModuleType
+from typing import NoReturn
 
 from . import commands
 
 
-def _command_modules() -> dict[str, object]:
+def _command_modules() -> dict[str, ModuleType]:
     mods = {}
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
@@ -37,7 +39,7 @@ def _command_modules() -> dict[str, object]:
 class _OneLineErrors(argparse.ArgumentParser):
     """argparse prints its usage block before the error; deftly prints one line (subparsers inherit it)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -59,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
-    for p in _subparsers(parser):  # `deftly train charlm ... --debug` works too
-        if not any("--debug" in a.option_strings for a in p._actions):
-            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                           help="show the full traceback on errors")
+    for subparser in _subparsers(parser):  # `deftly train charlm ... --debug` works too
+        if not any("--debug" in a.option_strings for a in subparser._actions):
+            subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show the full traceback on errors")
     return parser
 
 

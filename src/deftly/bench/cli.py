@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="the whole grid: sizes 1024, 4096 and 1024x4096, "
                         "bf16 when the CPU runs it faster than fp32, peers, forced backends (~15-30 min)")
     parser.add_argument("--sizes", nargs="+", default=None, metavar="INxOUT", help="override the sizes")
+    parser.add_argument("--tune", action="store_true", help="measure the latency-budget candidates (every "
+                        "structure at a ladder of parameter budgets vs nn.Linear) for --sizes at --rows rows per "
+                        "call and write them to the per-machine cache that StructureConfig(budget_kind="
+                        "'latency') reads")
+    parser.add_argument("--rows", type=int, default=4096, help="with --tune: rows per call (batch x tokens)")
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="override the batch sizes")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
     parser.add_argument("--modes", nargs="+", default=None, choices=["fwd", "fwdbwd"])
@@ -124,6 +129,25 @@ def _save_partial(path: str, meta: dict[str, Any], rows: list[dict[str, Any]], t
     atomic_write_bytes(path, (json.dumps(payload, indent=1, default=str) + "\n").encode())
 
 
+def _tune(args: argparse.Namespace) -> int:
+    """``deftly bench --tune``: fill the latency cache for ``--sizes`` and print each shape's candidates."""
+    from ..surgery import latency
+
+    if not args.sizes:
+        raise ValueError("deftly bench --tune needs --sizes INxOUT ... (the layer shapes of your model, e.g. "
+                         "--sizes 384x384 384x1536 1536x384)")
+    opts = latency.Latency(rows=args.rows)
+    shapes = [_parse_size(s) for s in args.sizes]
+    found = latency.tune(shapes, args.structures, opts, log=print)
+    for (i, o), cands in found.items():
+        print(f"\n{i}x{o}, {opts.rows} rows ({opts.mode}, {str(opts.dtype).replace('torch.', '')}):")
+        for c in sorted(cands, key=lambda c: c.time_fraction):
+            print(f"  {c.structure:10s} {str(c.hparams):60s} params {c.params:>10,}  time {c.time_fraction:5.2f}x "
+                  f"dense  speed-up {c.speedup:5.2f}x")
+    print(f"\nwrote {latency.cache_path()}")
+    return 0
+
+
 def main_args(args, targets: Targets | None = None) -> int:
     """Run ``deftly bench``: prints a time estimate first; every measured row is saved at once (atomically)
     to ``<out>.partial.json``, so an interrupted run keeps what it measured (``args._interrupt_note`` says
@@ -134,6 +158,8 @@ def main_args(args, targets: Targets | None = None) -> int:
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "tune", False):
+        return _tune(args)
     cfg = config_from_args(args)
     prefix = args.out or os.path.join("benchmarks", "results", "bench" if args.full else "bench.quick")
     png = not args.no_png

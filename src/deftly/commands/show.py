@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..core.base import StructuredLinear
 
 HELP = "print every registered structure's parameters, FLOPs and self-check error; draw their matrices"
 
@@ -38,14 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def build_default(name: str, in_f: int, out_f: int, **kw: Any):
+def build_default(name: str, in_f: int, out_f: int, **kw: Any) -> StructuredLinear:
     """The structure with its constructor defaults, or its first example where defaults do not fit."""
-    import deftly
+    from ..core.registry import get, make
 
     try:
-        return deftly.make(name, in_f, out_f, **kw)
+        return make(name, in_f, out_f, **kw)
     except ValueError:
-        return deftly.make(name, in_f, out_f, **deftly.get(name).examples(in_f, out_f)[0], **kw)
+        return make(name, in_f, out_f, **get(name).examples(in_f, out_f)[0], **kw)
 
 
 def rows_for(names: list[str], sizes: list[tuple[int, int]], seed: int = 0) -> list[dict[str, Any]]:
@@ -79,7 +82,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     body = [[r["size"], r["structure"], r["hparams"], f"{r['params']:,}", f"{r['flops']:,}",
              f"{r['compression']:.1f}x", f"{r['self_check']:.1e}"] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
@@ -113,11 +116,11 @@ def draw(names: list[str], n: int, path: str, seed: int = 0) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import deftly
+    from ..core.registry import get, structures
 
-    names = args.structures or sorted(deftly.structures(), key=lambda n: (n != "dense", n))
+    names = args.structures or sorted(structures(), key=lambda n: (n != "dense", n))
     for name in names:
-        deftly.get(name)  # unknown names fail here with the list of choices and the closest match
+        get(name)  # unknown names fail here with the list of choices and the closest match
     if args.picture_size < 1:
         raise ValueError(f"--picture-size {args.picture_size}: must be >= 1, e.g. 64")
     rows = rows_for(names, args.sizes, args.seed)

@@ -99,10 +99,10 @@ def _resolve(names: list[str] | None, default: tuple[str, ...]) -> tuple[str, ..
     the registry (an unknown name is an error naming the closest registered one)."""
     if names is None:
         return default
-    import deftly
+    from ..core.registry import structures
 
     if names == ["all"]:
-        return ("dense", *[n for n in deftly.structures() if n != "dense"])
+        return ("dense", *[n for n in structures() if n != "dense"])
     from ..train.common import check_structures
 
     return check_structures(names, "--structures")
@@ -143,22 +143,22 @@ def _run_recipe(args: argparse.Namespace, command: str | None) -> dict:
         from ..train.fashion import run as run_fm
 
         default_width, default_depth = (1024, 3) if args.model == "mlp" else (128, 4)
-        cfg = FashionConfig(structures=_resolve(args.structures, FashionConfig.structures), fraction=args.fraction,
-                            model=args.model, width=args.width or default_width,
-                            depth=args.depth or default_depth, epochs=args.epochs, batch_size=args.batch_size,
-                            lr=args.lr, mup=not args.no_mup, seed=args.seed, train_limit=args.train_limit,
-                            test_limit=args.test_limit, threads=args.threads)
-        return run_fm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
+        fm_cfg = FashionConfig(structures=_resolve(args.structures, FashionConfig.structures),
+                               fraction=args.fraction, model=args.model, width=args.width or default_width,
+                               depth=args.depth or default_depth, epochs=args.epochs, batch_size=args.batch_size,
+                               lr=args.lr, mup=not args.no_mup, seed=args.seed, train_limit=args.train_limit,
+                               test_limit=args.test_limit, threads=args.threads)
+        return run_fm(fm_cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                       strategy=args.strategy)
     else:
         from ..train.charlm import CharLMConfig
         from ..train.charlm import run as run_lm
 
-        cfg = CharLMConfig(structures=_resolve(args.structures, CharLMConfig.structures), fraction=args.fraction,
-                           layers=args.layers, d=args.d, heads=args.heads, ctx=args.ctx, batch_size=args.batch_size,
-                           steps=args.steps, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
-                           eval_windows=args.eval_windows, seed=args.seed, text_limit=args.text_limit,
-                           threads=args.threads, mup=not args.no_mup, max_lr_mult=args.max_lr_mult,
-                           clock=args.clock, mixer=args.mixer)
-        return run_lm(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
+        lm_cfg = CharLMConfig(structures=_resolve(args.structures, CharLMConfig.structures),
+                              fraction=args.fraction, layers=args.layers, d=args.d, heads=args.heads, ctx=args.ctx,
+                              batch_size=args.batch_size, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                              eval_every=args.eval_every, eval_windows=args.eval_windows, seed=args.seed,
+                              text_limit=args.text_limit, threads=args.threads, mup=not args.no_mup,
+                              max_lr_mult=args.max_lr_mult, clock=args.clock, mixer=args.mixer)
+        return run_lm(lm_cfg, args.out, resume=args.resume, progress=not args.quiet, command=command,
                       strategy=args.strategy)

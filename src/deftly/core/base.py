@@ -425,5 +425,7 @@ class StructuredLinear(nn.Module):
                  f"bias={self.bias is not None}"]
         if hp:
             parts.append(hp)
-        parts.append(f"params={self.num_params()} ({self.compression():.2f}x fewer than dense)")
+        c = self.compression()
+        ratio = f"{c:.2f}x fewer than dense" if c >= 1 else f"{1 / c:.2f}x more than dense"
+        parts.append(f"params={self.num_params()} ({ratio})")
         return ", ".join(parts)

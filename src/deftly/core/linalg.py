@@ -66,7 +66,9 @@ def low_rank_factors(W: Tensor, rank: int, cov: Tensor | None = None, *, root: T
         U = Us[..., :, :k] * s.unsqueeze(-2)
         V = s.unsqueeze(-1) * Vh[..., :k, :]
     else:
-        M = W @ (cov_sqrt(cov) if root is None else root).to(W.dtype) if whitened else W
+        if root is None and cov is not None:
+            root = cov_sqrt(cov)
+        M = W @ root.to(W.dtype) if root is not None else W
         Ur = _top_left_subspace(M, k) if fast else torch.linalg.svd(M, full_matrices=False)[0][..., :, :k]
         V = Ur.mT.conj() @ W
         scale = V.abs().pow(2).sum(-1).sqrt().clamp_min(1e-300).sqrt()  # sqrt(||V_t||)

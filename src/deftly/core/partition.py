@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
@@ -33,7 +34,7 @@ class DerivedBuffers(nn.Module):
     behind) and by :meth:`rebuild_derived_buffers` (``reset_parameters``, ``load_state_dict``).
     """
 
-    def _derived_buffers(self) -> dict[str, Tensor | None]:
+    def _derived_buffers(self) -> Mapping[str, Tensor | None]:
         raise NotImplementedError
 
     def rebuild_derived_buffers(self, device: torch.device | str | None = None) -> None:
@@ -87,6 +88,9 @@ class Partition(DerivedBuffers):
     Both index buffers are derived from ``(n, nblocks)`` (:class:`DerivedBuffers`); ``device``: where to
     put them (``"meta"``: shapes only).
     """
+
+    real_index: Tensor
+    gather_index: Tensor
 
     def __init__(self, n: int, nblocks: int, device: torch.device | str | None = None) -> None:
         super().__init__()

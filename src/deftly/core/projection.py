@@ -426,6 +426,6 @@ def project_layer_(layer: StructuredLinear, weight: Tensor, bias: Tensor | None 
     S = layer.to_dense()
     werr = relative_error(W, S)
     oerr = None if cov is None else relative_error(W, S, cov)
-    return ProjectionResult(error=werr if cov is None else oerr, weight_error=werr, output_error=oerr,
+    return ProjectionResult(error=werr if oerr is None else oerr, weight_error=werr, output_error=oerr,
                             plain_output_error=plain_out, method="+".join(used),
                             seconds=time.perf_counter() - t0)

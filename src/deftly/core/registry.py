@@ -13,7 +13,7 @@ from typing import Any
 
 from .base import StructuredLinear
 
-__all__ = ["register", "structures", "get", "make"]
+__all__ = ["get", "make", "register", "structures"]
 
 _REGISTRY: dict[str, type[StructuredLinear]] = {}
 _BUILTINS_LOADED = False

@@ -69,7 +69,7 @@ from .state import (
 )
 from .wrap import gathered, unused_parameters, unwrap, wrap_model
 
-__all__ = ["DistInfo", "STRATEGIES", "setup", "teardown", "info", "is_main", "barrier", "local_slice",
-           "all_reduce_mean", "wrap_model", "unwrap", "unused_parameters", "gathered", "full_state_dict",
-           "load_full_state_dict", "full_optimizer_state_dict", "load_full_optimizer_state_dict",
-           "check_state_dict", "check_optimizer_state", "converted_params"]
+__all__ = ["STRATEGIES", "DistInfo", "all_reduce_mean", "barrier", "check_optimizer_state",
+           "check_state_dict", "converted_params", "full_optimizer_state_dict", "full_state_dict", "gathered",
+           "info", "is_main", "load_full_optimizer_state_dict", "load_full_state_dict", "local_slice",
+           "setup", "teardown", "unused_parameters", "unwrap", "wrap_model"]

@@ -43,6 +43,7 @@ def _convert_for_fsdp2(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
         if parametrize.is_parametrized(module):
             continue  # user parametrizations: left alone
         for name, p in list(module.named_parameters(recurse=False)):
+            par: nn.Module
             if p.is_complex():
                 kind, par = "complex", _ComplexAsRealImag()
             elif p.dim() == 0:

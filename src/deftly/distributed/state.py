@@ -95,8 +95,9 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None,
     rank 0 passes the dict, other ranks may pass ``None``; a plain module loads locally. Checked first (see :func:`check_state_dict`): on a mismatch
     every rank raises the same ``ValueError`` and the model is unchanged."""
     if not _collective(model):
-        check_state_dict(model, state_dict if state_dict is not None else {}, source=source, strict=strict)
-        unwrap(model).load_state_dict(state_dict, strict=strict)
+        local = state_dict if state_dict is not None else {}
+        check_state_dict(model, local, source=source, strict=strict)
+        unwrap(model).load_state_dict(local, strict=strict)
         return
     rank0 = _dist().get_rank() == 0
     err = None
@@ -108,7 +109,8 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None,
     _raise_together(err)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    sd = _to_stored(converted_params(model), dict(state_dict)) if rank0 else {}
+    full = dict(state_dict) if state_dict is not None else {}
+    sd = _to_stored(converted_params(model), full) if rank0 else {}
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                               strict=strict))
 
@@ -175,7 +177,7 @@ def _optim_to_stored(converted, osd: dict) -> dict:
             state[o] = part
     groups = []
     for g in osd["param_groups"]:
-        names = []
+        names: list[str] = []
         for n in g["params"]:
             names += converted[n][1] if n in converted else [n]
         groups.append({**g, "params": names})
@@ -220,21 +222,23 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
             raise err
     else:
         _raise_together(err)
+    saved: dict[str, Any] = state if state is not None else {}  # rank 0: checked above; others: not read
     if local:
         names = _param_names(model, optimizer)
         index = {n: i for i, n in enumerate(names)}
         groups, start = [], 0
-        for saved, current in zip(state["param_groups"], optimizer.param_groups):
+        for group, current in zip(saved["param_groups"], optimizer.param_groups):
             # Optimizer.load_state_dict pairs saved ids with the current parameters by position
             ids = list(range(start, start + len(current["params"])))
             start += len(ids)
-            groups.append({**saved, "params": ids})
-        osd = {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+            groups.append({**group, "params": ids})
+        osd: dict[str, Any] = {"state": {index[n]: s for n, s in saved["state"].items()},
+                               "param_groups": groups}
         optimizer.load_state_dict(osd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    osd = _optim_to_stored(converted_params(model), state) if rank0 else {}
+    osd = _optim_to_stored(converted_params(model), saved) if rank0 else {}
     # strict=False: parameters that never had a gradient (unused, frozen) have no state, exactly as in a
     # single process; names and shapes were checked above on rank 0, so no rank fails alone in here
     set_optimizer_state_dict(model, optimizer, osd,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import operator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +50,8 @@ def unused_parameters(model: nn.Module, example_input: Any) -> list[str]:
               if isinstance(t, Tensor) and t.requires_grad]
     if not leaves:
         return [n for n, _ in named]
-    total = sum(torch.view_as_real(t).sum() if t.is_complex() else t.sum() for t in leaves)
+    total = functools.reduce(operator.add, [torch.view_as_real(t).sum() if t.is_complex() else t.sum()
+                                            for t in leaves])
     grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
     return [n for (n, _), g in zip(named, grads) if g is None]
 
@@ -76,7 +79,7 @@ def _placement_fn(world: int):
     return place
 
 
-def _mixed_dtypes(params: list[tuple[str, Tensor]]) -> str | None:
+def _mixed_dtypes(params: Sequence[tuple[str, Tensor]]) -> str | None:
     """``"[dtypes] (name: dtype, ...)"`` when ``params`` hold more than one dtype, else ``None``."""
     dtypes = sorted({str(p.dtype) for _, p in params})
     if len(dtypes) < 2:
@@ -84,7 +87,7 @@ def _mixed_dtypes(params: list[tuple[str, Tensor]]) -> str | None:
     return f"{dtypes} ({', '.join(f'{n}: {p.dtype}' for n, p in params)})"
 
 
-def _check_fsdp2_groups(model: nn.Module, groups: list[tuple[str, nn.Module]]) -> None:
+def _check_fsdp2_groups(model: nn.Module, groups: Sequence[tuple[str, nn.Module]]) -> None:
     """One dtype per FSDP2 group (each structured layer, then the root's remaining parameters)."""
     claimed: set[int] = set()
     for name, layer in groups:

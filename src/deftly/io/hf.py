@@ -48,7 +48,7 @@ HF_WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorc
                     "pytorch_model.bin.index.json")
 
 
-def _transformers(who: str):
+def _transformers(who: str) -> Any:
     try:
         import transformers
     except ImportError:  # pragma: no cover - depends on the environment
@@ -66,13 +66,14 @@ def _check_hf_model(model: Any, who: str) -> None:
                         f"save_pretrained); use deftly.save(model, dir) / deftly.load(fresh_model, dir)")
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Save a (structurized or adapted) transformers model so that :func:`from_pretrained` rebuilds it;
     returns the directory. See :mod:`deftly.io.hf`."""
     from ..surgery.modules import structured_modules
 
     who = "deftly.save_pretrained"
     _check_hf_model(model, who)
+    hf_model: Any = model  # a transformers PreTrainedModel (checked above; transformers is optional)
     transformers = _transformers(who)
     path = Path(directory)
     if path.exists() and not path.is_dir():
@@ -83,14 +84,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
             raise FileExistsError(f"{who}: {path} holds a structured save ({', '.join(stale)}) that "
                                   f"deftly.from_pretrained would read instead of this plain model; save to "
                                   f"another directory or delete those files")
-        type(model).save_pretrained(model, path)  # the class's method (the instance's may be deftly's guard)
+        # the class's method (the instance's may be deftly's guard)
+        type(hf_model).save_pretrained(model, path)
         return path
     stale = [f for f in HF_WEIGHTS_FILES if (path / f).exists()]
     if stale:
         raise FileExistsError(f"{who}: {path} already holds transformers weights ({', '.join(stale)}) that "
                               f"AutoModel.from_pretrained would load as this model's dense weights; save to "
                               f"another directory or delete those files")
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(hf_model.config)
     config.architectures = [type(model).__name__]
     dtype = getattr(model, "dtype", None)
     if dtype is not None:
@@ -104,11 +106,11 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     config.save_pretrained(path)
     can_generate = getattr(model, "can_generate", None)
     if callable(can_generate) and can_generate() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(path)
+        hf_model.generation_config.save_pretrained(path)
     return path
 
 
-def _model_class(transformers, name: str, path: Path):
+def _model_class(transformers: Any, name: str, path: Path) -> Any:
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise DeftlyLoadError(f"deftly.from_pretrained: {path / 'config.json'} names the model class {name!r}, "
@@ -117,7 +119,7 @@ def _model_class(transformers, name: str, path: Path):
     return cls
 
 
-def from_pretrained(directory: str | os.PathLike) -> nn.Module:
+def from_pretrained(directory: str | os.PathLike[str]) -> nn.Module:
     """The model saved by :func:`save_pretrained` in ``directory``: same class, same structure, same
     weights, eval mode. Offline. See :mod:`deftly.io.hf`."""
     who = "deftly.from_pretrained"

@@ -34,7 +34,7 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -114,10 +114,11 @@ def _entries(model: nn.Module) -> list[dict[str, Any]]:
                         "scale": mod.scale, "merged": mod.merged, "anchored": mod.anchor is not None,
                         "base_requires_grad": dict(mod.base_requires_grad), "dtype": _dtype_name(d.weight_dtype)})
         else:
-            out.append({"name": name, "kind": "structured", "structure": mod.name,
-                        "hparams": _jsonable(mod.hparams()), "in_features": mod.in_features,
-                        "out_features": mod.out_features, "bias": mod.bias is not None,
-                        "original_kind": original_kind(mod), "dtype": _dtype_name(mod.weight_dtype)})
+            layer = cast(StructuredLinear, mod)  # structured_modules: adapters and structured layers
+            out.append({"name": name, "kind": "structured", "structure": layer.name,
+                        "hparams": _jsonable(layer.hparams()), "in_features": layer.in_features,
+                        "out_features": layer.out_features, "bias": layer.bias is not None,
+                        "original_kind": original_kind(layer), "dtype": _dtype_name(layer.weight_dtype)})
     return out
 
 
@@ -441,13 +442,15 @@ def densify(model: nn.Module) -> nn.Module:
         if isinstance(mod, StructuredAdapter):
             new.append((name, mod.merged_linear()))
             continue
-        kind = original_kind(mod)
+        layer = cast(StructuredLinear, mod)  # structured_modules: adapters and structured layers
+        kind = original_kind(layer)
         with torch.no_grad():
-            W = mod.to_dense()
+            W = layer.to_dense()
             if W.is_complex():
-                raise ValueError(f"deftly.densify: layer {name!r} ({mod.name or type(mod).__name__}) has a complex "
-                                 f"weight; a dense {kind} cannot hold it")
-            b = mod.bias.detach() if mod.bias is not None else None
+                who = layer.name or type(layer).__name__
+                raise ValueError(f"deftly.densify: layer {name!r} ({who}) has a complex weight; a dense "
+                                 f"{kind} cannot hold it")
+            b = layer.bias.detach() if layer.bias is not None else None
             dense = _conv1d(name, W, b) if kind == "Conv1D" else _linear(W, b)
         dense.requires_grad_(any(p.requires_grad for p in mod.parameters()))
         dense.train(mod.training)

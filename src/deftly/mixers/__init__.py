@@ -27,10 +27,10 @@ from .conv import (
     check_sequence,
     combined_filter,
     conv_tokens,
-    gated_conv,
-    gated_conv_reference,
     direct_bidirectional_conv,
     direct_causal_conv,
+    gated_conv,
+    gated_conv_reference,
     long_conv,
 )
 from .fft import FFT_PATHS, fft_length, monarch_factors, monarch_fft, monarch_frequencies, monarch_ifft

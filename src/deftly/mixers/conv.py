@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from .fft import check_fft, dft_operators, fft_length, monarch_factors, monarch_fft, monarch_ifft
 

@@ -20,7 +20,7 @@ import math
 import numbers
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +84,11 @@ def zero_delta_init_(layer: StructuredLinear) -> bool:
     return True
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """The ``weight`` tensor of a base layer (``nn.Linear`` or ``Conv1D``), as stored."""
+    return cast(Tensor, module.weight)
+
+
 def _gradient_alive(layer: StructuredLinear) -> bool:
     gen = torch.Generator().manual_seed(0)
     dt = layer.weight_dtype
@@ -107,6 +112,13 @@ class StructuredAdapter(nn.Module):
 
     #: surgery treats adapters like structured layers: never a candidate for more surgery
     is_deftly_adapter = True
+
+    base: nn.Module
+    delta: StructuredLinear
+    anchor: StructuredLinear | None
+    scale: float
+    merged: bool
+    base_requires_grad: dict[str, bool]
 
     def __init__(self, base: nn.Module, delta: StructuredLinear, scale: float = 1.0, *,
                  anchor: StructuredLinear | None = None, freeze_base: bool = True) -> None:
@@ -173,8 +185,9 @@ class StructuredAdapter(nn.Module):
         """Fold the delta into the base weight (idempotent)."""
         if self.merged:
             return
-        d = self.delta_weight().to(self.base.weight.dtype)
-        self.base.weight.add_(d.T if self.transposed else d)
+        weight = _weight(self.base)
+        d = self.delta_weight().to(weight.dtype)
+        weight.add_(d.T if self.transposed else d)
         self.merged = True
 
     @torch.no_grad()
@@ -182,8 +195,9 @@ class StructuredAdapter(nn.Module):
         """Take the delta back out of the base weight (idempotent)."""
         if not self.merged:
             return
-        d = self.delta_weight().to(self.base.weight.dtype)
-        self.base.weight.sub_(d.T if self.transposed else d)
+        weight = _weight(self.base)
+        d = self.delta_weight().to(weight.dtype)
+        weight.sub_(d.T if self.transposed else d)
         self.merged = False
 
     def merged_linear(self) -> nn.Module:
@@ -195,8 +209,9 @@ class StructuredAdapter(nn.Module):
         base = copy.deepcopy(self.base)
         if not self.merged:
             with torch.no_grad():
-                d = self.delta_weight().to(base.weight.dtype)
-                base.weight.add_(d.T if self.transposed else d)
+                weight = _weight(base)
+                d = self.delta_weight().to(weight.dtype)
+                weight.add_(d.T if self.transposed else d)
         for n, p in base.named_parameters():
             p.requires_grad_(bool(self.base_requires_grad.get(n, True)))
         return base
@@ -280,7 +295,7 @@ class Adapters:
         self.report = report
 
     def modules(self) -> list[StructuredAdapter]:
-        return [self.model.get_submodule(n) for n in self.names]
+        return [cast(StructuredAdapter, self.model.get_submodule(n)) for n in self.names]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """The trainable delta parameters."""
@@ -297,7 +312,7 @@ class Adapters:
 
     def merge_and_unload(self) -> nn.Module:
         for n in self.names:
-            set_module(self.model, n, self.model.get_submodule(n).merged_linear())
+            set_module(self.model, n, cast(StructuredAdapter, self.model.get_submodule(n)).merged_linear())
         self.names = []
         return self.model
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..core.base import StructuredLinear
 from ..core.registry import get
 
@@ -116,9 +115,9 @@ def choose_hparams(structure: str, in_features: int, out_features: int, budget: 
     limit = budget * dense
     grid_keys = {k for hp in get(structure).hparam_candidates(in_features, out_features) for k in hp}
     if fixed and grid_keys <= set(fixed):  # nothing left to choose: the fixed values must fit the budget
-        err = _construct_error(structure, in_features, out_features, fixed, bias)
-        if err is not None:
-            raise _fixed_invalid(structure, where, fixed, err)
+        problem = _construct_error(structure, in_features, out_features, fixed, bias)
+        if problem is not None:
+            raise _fixed_invalid(structure, where, fixed, problem)
         try:
             n = _count(get(structure), in_features, out_features, fixed, kind, counted_bias)
         except (TypeError, ValueError) as err:
@@ -141,11 +140,11 @@ def choose_hparams(structure: str, in_features: int, out_features: int, budget: 
                 raise _fixed_invalid(structure, where, fixed, errors[0])
             first_err, smallest = None, None
             for n, hp in sorted(everything, key=lambda t: t[0])[:256]:
-                err = _construct_error(structure, in_features, out_features, hp, bias)
-                if err is None:
+                problem = _construct_error(structure, in_features, out_features, hp, bias)
+                if problem is None:
                     smallest = n
                     break
-                first_err = first_err or err
+                first_err = first_err or problem
             if smallest is None and first_err is not None:
                 raise _fixed_invalid(structure, where, fixed, first_err)
         need = (f"the smallest candidate has {smallest} {kind} = "

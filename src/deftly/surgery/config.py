@@ -116,7 +116,10 @@ class StructureConfig:
         budget: fraction in (0, 1] of each targeted layer's dense weight entries (biases stay dense and are
             not counted) or, with
             ``budget_kind="flops"``, FLOPs per token. ``None``: use ``hparams`` / the structure defaults.
-        budget_kind: ``"params"`` or ``"flops"``.
+        budget_kind: ``"params"``, ``"flops"`` or ``"latency"`` (``budget`` = the fraction of the dense
+            layer's time on this machine; ``structure`` may then be a list of candidate structures and
+            ``latency`` a :class:`deftly.surgery.latency.Latency` with the rows/dtype/mode to time;
+            see :mod:`deftly.surgery.latency`).
         hparams: hyperparameters for every targeted layer of ``structure`` (partial ones are fixed and
             the rest is chosen by the budget).
         init: ``"project"`` (best approximation of the pretrained weight) or ``"random"``.
@@ -146,8 +149,19 @@ class StructureConfig:
     slack: float = 0.02
     steps: int | None = None
     seed: int = 0
+    latency: Any = None
 
     def __post_init__(self) -> None:
+        # budget_kind="latency": ``structure`` may list the candidate structures tried for every layer
+        self.candidates: tuple[str, ...] = ()
+        if self.budget_kind == "latency" and isinstance(self.structure, (list, tuple)):
+            if not self.structure or not all(isinstance(x, str) for x in self.structure):
+                raise TypeError(f"StructureConfig: structure={self.structure!r} must be a structure name or, "
+                                f"with budget_kind='latency', a non-empty list of names")
+            for name in self.structure:
+                get(name)
+            self.candidates = tuple(self.structure)
+            self.structure = self.candidates[0]
         if not isinstance(self.structure, str):
             raise TypeError(f"StructureConfig: structure must be a structure name (str), got {self.structure!r}; "
                             f"choose one of: {', '.join(structures())}")
@@ -168,9 +182,27 @@ class StructureConfig:
             raise TypeError(f"StructureConfig: {fname}={spec!r} must be a regex string, 'all-linear' or a "
                             f"non-empty list of module names/suffixes")
         self.budget = _check_budget(self.budget, "StructureConfig")
-        if self.budget_kind not in ("params", "flops"):
-            raise ValueError(f"StructureConfig: budget_kind={self.budget_kind!r} is invalid; use 'params' or "
-                             f"'flops'")
+        if self.budget_kind not in ("params", "flops", "latency"):
+            raise ValueError(f"StructureConfig: budget_kind={self.budget_kind!r} is invalid; use 'params', "
+                             f"'flops' or 'latency' (budget = the fraction of the dense layer's time on this "
+                             f"machine, measured)")
+        if self.budget_kind == "latency":
+            from .latency import Latency
+
+            if self.budget is None:
+                raise ValueError("StructureConfig: budget_kind='latency' needs a budget: the fraction of the dense "
+                                 "layer's time, e.g. budget=0.5 for layers at least 2x faster")
+            if self.latency is None:
+                self.latency = Latency()
+            elif not isinstance(self.latency, Latency):
+                raise TypeError(f"StructureConfig: latency must be a deftly.surgery.latency.Latency, got "
+                                f"{type(self.latency).__name__}")
+            if not self.candidates:
+                self.candidates = (self.structure,)
+            if self.hparams or self.overrides:
+                raise ValueError("StructureConfig: budget_kind='latency' chooses structure and hyperparameters "
+                                 "per layer from measured timings; drop hparams/overrides (or use "
+                                 "budget_kind='params')")
         if not isinstance(self.hparams, dict):
             raise TypeError(f"StructureConfig: hparams must be a dict, got {type(self.hparams).__name__}")
         _check_hparams(self.structure, self.hparams, "StructureConfig.hparams")

@@ -13,6 +13,9 @@ attribute of the instance holding the model: ``copy.deepcopy`` and pickling carr
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from torch import nn
 
 from .modules import is_conv1d, structured_modules
@@ -25,7 +28,8 @@ ORIGINAL_KINDS = ("Linear", "Conv1D")
 
 def record_origin(layer: nn.Module, replaced: nn.Module) -> None:
     """Remember on ``layer`` which kind of dense layer it replaces (``"Conv1D"`` or ``"Linear"``)."""
-    layer.original_kind = "Conv1D" if is_conv1d(replaced) else "Linear"
+    # a plain attribute; torch annotates nn.Module.__setattr__'s value as Tensor | Module only (it takes any)
+    layer.original_kind = "Conv1D" if is_conv1d(replaced) else "Linear"  # type: ignore[assignment]
 
 
 def original_kind(layer: nn.Module) -> str:
@@ -42,7 +46,7 @@ class SavePretrainedGuard:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def __call__(self, save_directory, *args, **kwargs):
+    def __call__(self, save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
         model = self.model
         wrapped = structured_modules(model)
         if wrapped:
@@ -54,7 +58,8 @@ class SavePretrainedGuard:
                 f"from_pretrained would silently fill those layers with random weights. Use "
                 f"deftly.save_pretrained(model, {str(save_directory)!r}) and deftly.from_pretrained(...) to keep "
                 f"the structure, or deftly.densify(model) first to save a plain transformers model")
-        return type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        cls: Any = type(model)  # a transformers PreTrainedModel (checked by guard_save_pretrained)
+        return cls.save_pretrained(model, save_directory, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<deftly guard of {type(self.model).__name__}.save_pretrained>"
@@ -68,4 +73,6 @@ def guard_save_pretrained(model: nn.Module) -> None:
     current = model.__dict__.get("save_pretrained")
     if isinstance(current, SavePretrainedGuard) and current.model is model:
         return
-    model.save_pretrained = SavePretrainedGuard(model)
+    # an instance attribute shadowing the method; torch annotates nn.Module.__setattr__'s value as
+    # Tensor | Module only (it takes any)
+    model.save_pretrained = SavePretrainedGuard(model)  # type: ignore[assignment]

@@ -3,19 +3,22 @@ shapes and dense weights, the already-structured ones, the output head, and swap
 
 from __future__ import annotations
 
+from typing import cast
 
 from torch import Tensor, nn
 
 from ..core.base import StructuredLinear
 
-__all__ = ["dense_weight", "is_conv1d", "is_linear_like", "is_wrapper", "linear_modules", "model_params",
-           "output_head", "set_module", "linear_shape", "structured_modules"]
+__all__ = ["dense_weight", "is_conv1d", "is_linear_like", "is_wrapper", "linear_modules", "linear_shape",
+           "model_params", "output_head", "set_module", "structured_modules"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x @ weight + bias`` with ``weight: (in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
-        getattr(module, "weight", None), Tensor) and module.weight.dim() == 2
+    if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.dim() == 2
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -25,7 +28,8 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def dense_weight(module: nn.Module) -> Tensor:
     """The ``(out, in)`` weight of an ``nn.Linear`` or ``Conv1D`` (transposed view for the latter)."""
-    return module.weight.T if is_conv1d(module) else module.weight
+    weight = cast(Tensor, module.weight)
+    return weight.T if is_conv1d(module) else weight
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

@@ -170,6 +170,25 @@ def _build(p: _Plan, hp: dict, seed: int) -> StructuredLinear:
     return layer
 
 
+def _latency_choice(p: _Plan, config: StructureConfig, in_f: int, out_f: int,
+                    bias: bool) -> tuple[str, dict[str, Any]]:
+    """The (structure, hyperparameters) meeting ``p.budget`` x the dense layer's measured time, with the
+    least closed-form projection error of this layer's weight (``init="project"``) or the most parameters."""
+    from .latency import choose
+
+    error = None
+    if config.init == "project":
+        w = dense_weight(p.module).detach()
+
+        def error(structure: str, hp: dict[str, Any]) -> float:
+            trial = make(structure, in_f, out_f, bias=False, device=w.device, dtype=w.dtype, **hp)
+            return project_layer_(trial, w, None, seed=config.seed, refine=False, steps=0).error
+
+    best = choose(in_f, out_f, p.budget or 1.0, config.candidates, config.latency, bias=bias, error=error,
+                  where=f"layer {p.name!r} ({out_f} x {in_f})")
+    return best.structure, dict(best.hparams)
+
+
 def structurize(model: nn.Module, config: StructureConfig) -> SurgeryReport:
     """Replace the targeted dense layers of ``model`` by structured ones, in place; return the report.
 
@@ -192,6 +211,10 @@ def structurize(model: nn.Module, config: StructureConfig) -> SurgeryReport:
     for p in plans:
         in_f, out_f = linear_shape(p.module)
         bias = getattr(p.module, "bias", None) is not None
+        if kind == "latency":  # structure and hyperparameters from measured timings, per layer
+            p.structure, hp = _latency_choice(p, config, in_f, out_f, bias)
+            choices.append([hp])
+            continue
         key = (p.structure, in_f, out_f, p.budget, bias, repr(sorted(p.fixed.items())))
         if key not in solved:
             solved[key] = choose_hparams(p.structure, in_f, out_f, p.budget, kind=kind, bias=bias,

@@ -80,22 +80,26 @@ def budget_linear(structure: str, in_features: int, out_features: int, fraction:
 
 def linear_stats(model: nn.Module, hidden: Iterable[nn.Module] = ()) -> dict[str, Any]:
     """Parameter and FLOP counts: all parameters, the weights of the ``hidden`` layers (bias excluded)
-    and the dense weights they replace, and forward FLOPs per example of every linear-like layer."""
-    hidden = list(hidden)
+    and the dense weights they replace, and forward FLOPs per example of every linear-like layer.
+    ``hidden``: :class:`~deftly.core.base.StructuredLinear` layers (``dense`` included); anything else is a
+    ``TypeError``."""
+    structured: list[StructuredLinear] = []
+    for m in hidden:
+        if not isinstance(m, StructuredLinear):
+            raise TypeError(f"linear_stats: hidden layers must be StructuredLinear (build them with "
+                            f"budget_linear or deftly.make), got {type(m).__name__}")
+        structured.append(m)
     total = sum(p.numel() for p in model.parameters())
     flops = 0
-    for m in model.modules():
-        if isinstance(m, StructuredLinear):
-            flops += m.flops(1)
-        elif isinstance(m, nn.Linear):
-            flops += 2 * m.in_features * m.out_features
-    hidden_w = sum(m.num_params() - (m.out_features if m.bias is not None else 0) for m in hidden)
-    dense_w = sum(m.in_features * m.out_features for m in hidden)
-    hidden_flops = sum(m.flops(1) for m in hidden)
-    hp = {}
-    for m in hidden:
-        hp = m.hparams()
-        break
+    for mod in model.modules():
+        if isinstance(mod, StructuredLinear):
+            flops += mod.flops(1)
+        elif isinstance(mod, nn.Linear):
+            flops += 2 * mod.in_features * mod.out_features
+    hidden_w = sum(h.num_params() - (h.out_features if h.bias is not None else 0) for h in structured)
+    dense_w = sum(h.in_features * h.out_features for h in structured)
+    hidden_flops = sum(h.flops(1) for h in structured)
+    hp = structured[0].hparams() if structured else {}
     return {"params": total, "hidden_params": hidden_w, "hidden_dense_params": dense_w,
             "hidden_fraction": hidden_w / dense_w if dense_w else float("nan"), "flops": flops,
             "hidden_flops": hidden_flops, "hparams": hp}

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -127,7 +127,8 @@ class Mixer(nn.Module):
         self.out = nn.Linear(width, n_out)
 
     def hidden_layers(self) -> list[nn.Module]:
-        return [m for b in self.blocks for m in (b.ch1, b.ch2)]
+        blocks = cast("list[MixerBlock]", list(self.blocks))  # nn.ModuleList is typed as holding nn.Module
+        return [m for b in blocks for m in (b.ch1, b.ch2)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch
@@ -138,7 +139,7 @@ class Mixer(nn.Module):
         return self.out(self.norm(h).mean(1))
 
 
-def build(cfg: FashionConfig, structure: str) -> nn.Module:
+def build(cfg: FashionConfig, structure: str) -> MLP | Mixer:
     if cfg.model == "mlp":
         return MLP(structure, cfg.fraction, cfg.width, cfg.depth)
     return Mixer(structure, cfg.fraction, cfg.width, cfg.depth)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class TrainResult:
 
 def rng_state() -> dict[str, Any]:
     """Torch, numpy and Python RNG states in a checkpoint-friendly form."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))  # legacy=True: the tuple form
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_py, np_state[2:])]}
 
@@ -276,10 +276,10 @@ def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[
             raise ValueError(f"train: with strategy={strategy!r} the optimizer must be built after wrapping; "
                              "pass optimizer=None (AdamW over per-factor groups is built for you)")
     torch.manual_seed(cfg.seed)
-    groups: list[dict[str, Any]] | None = None
+    groups: list[dict[str, Any]] = []  # built when no optimizer is given (always, when distributed)
     if optimizer is None:
-        cap = {} if cfg.max_lr_mult is None else {"max_multiplier": cfg.max_lr_mult}
-        groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, exclude=exclude_from_mup, **cap) \
+        groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, exclude=exclude_from_mup,
+                              max_multiplier=cfg.max_lr_mult) \
             if cfg.mup else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
                               "lr_mult": 1.0, "weight_decay": cfg.weight_decay,
                               "names": [n for n, p in model.named_parameters() if p.requires_grad]}]
@@ -287,9 +287,9 @@ def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[
         run_model = wrap_model(model)
     else:
         run_model = ddist.wrap_model(model, strategy)
-        groups = _rebind(groups, run_model)  # type: ignore[arg-type]
+        groups = _rebind(groups, run_model)
     if optimizer is None:
-        for g in groups:  # type: ignore[union-attr]
+        for g in groups:
             g.pop("names", None)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None

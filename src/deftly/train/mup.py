@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,11 @@ from ..core.base import StructuredLinear
 __all__ = ["factor_moves", "lr_multipliers", "param_groups", "set_lr"]
 
 _CACHE: dict[Any, dict[str, float]] = {}
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like layer (``nn.Linear``, a structured layer)."""
+    return int(cast(int, layer.in_features)), int(cast(int, layer.out_features))
 
 
 def _weights(layer: nn.Module) -> dict[str, Tensor]:
@@ -55,7 +60,7 @@ def factor_moves(layer: nn.Module, batch: int = 1, draws: int = 8, seed: int = 0
     weights = _weights(layer)
     if not weights:
         return {}
-    in_features = int(layer.in_features)
+    in_features = _features(layer)[0]
     gen = torch.Generator().manual_seed(seed)
     dtype = next(iter(weights.values())).dtype
     probe = layer if dtype in (torch.float64, torch.complex128) else _clone_as(layer, torch.float64)
@@ -77,7 +82,7 @@ def factor_moves(layer: nn.Module, batch: int = 1, draws: int = 8, seed: int = 0
                 continue
             direction = {n: torch.zeros_like(p) for n, p in params.items()}
             direction[name] = torch.sgn(grad)
-            _, dy = jvp(f, (params,), (direction,))
+            dy = jvp(f, (params,), (direction,))[1]  # (output, J direction)
             moves[name] += float(dy.abs().pow(2).mean().sqrt()) / draws
     return moves
 
@@ -97,8 +102,7 @@ def _clone_as(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _key(layer: nn.Module) -> Any:
     hp = layer.hparams() if isinstance(layer, StructuredLinear) else {}
-    return (type(layer).__qualname__, layer.in_features, layer.out_features,  # type: ignore[attr-defined]
-            tuple(sorted((k, repr(v)) for k, v in hp.items())))
+    return (type(layer).__qualname__, *_features(layer), tuple(sorted((k, repr(v)) for k, v in hp.items())))
 
 
 def layer_multipliers(layer: nn.Module, clamp: tuple[float, float] = (1 / 64, 64.0)) -> dict[str, float]:
@@ -113,7 +117,7 @@ def layer_multipliers(layer: nn.Module, clamp: tuple[float, float] = (1 / 64, 64
     if isinstance(layer, nn.Linear) or (len(weights) == 1 and type(layer).__name__ == "Dense"):
         out = {n: 1.0 for n in weights}
     else:
-        ref = nn.Linear(layer.in_features, layer.out_features, bias=False)  # type: ignore[attr-defined]
+        ref = nn.Linear(*_features(layer), bias=False)
         dense_move = factor_moves(ref)["weight"]
         moves = factor_moves(layer)
         n = max(len(moves), 1)
@@ -146,7 +150,7 @@ def lr_multipliers(model: nn.Module, base_width: int | None = None,
     for mod_name, mod in model.named_modules():
         if not _is_linear(mod) or id(mod) in excluded:
             continue
-        width = (base_width / mod.in_features) if base_width else 1.0  # type: ignore[attr-defined]
+        width = (base_width / _features(mod)[0]) if base_width else 1.0
         for pname, m in layer_multipliers(mod).items():
             full = f"{mod_name}.{pname}" if mod_name else pname
             mult[full] = m * width if max_multiplier is None else min(m * width, float(max_multiplier))
@@ -176,9 +180,9 @@ def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.0, base
         raise ValueError(f"param_groups: lr={lr!r} must be a positive finite number, e.g. 1e-3")
     if weight_decay < 0:
         raise ValueError(f"param_groups: weight_decay={weight_decay} must be >= 0")
-    for m in zero_init_readout:
+    for readout in zero_init_readout:
         with torch.no_grad():
-            for n, p in m.named_parameters():
+            for n, p in readout.named_parameters():
                 if n.split(".")[-1] != "bias":
                     p.zero_()
     _check_cap(max_multiplier)

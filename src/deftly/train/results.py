@@ -36,12 +36,13 @@ def versions() -> dict[str, Any]:
     import numpy
     import torch
 
-    import deftly
+    from .._version import __version__
+    from ..core.registry import structures
 
-    return {"deftly": getattr(deftly, "__version__", "?"), "torch": torch.__version__,
+    return {"deftly": __version__, "torch": torch.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "structures": deftly.structures(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "structures": structures(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -184,22 +185,24 @@ def curves_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path
 
 
 def write_run(out_dir: str | os.PathLike, *, recipe: str, config: dict[str, Any], rows: list[dict[str, Any]],
-              columns: Sequence[tuple[str, str]], notes: Iterable[str] = (), plots: Iterable[str] = (),
-              extra: dict[str, Any] | None = None, command: str | None = None) -> Path:
-    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the Markdown path."""
+              columns: Sequence[tuple[str, str]], notes: Iterable[str] = (),
+              plots: Iterable[str | os.PathLike[str] | None] = (), extra: dict[str, Any] | None = None,
+              command: str | None = None) -> Path:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; returns the Markdown path. ``plots``:
+    the paths :func:`pareto_plot` / :func:`curves_plot` returned (``None``: not drawn, noted as skipped)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     wanted = list(plots)
-    plots = [str(p) for p in wanted if p is not None]
-    if len(plots) < len(wanted):
+    drawn = [str(p) for p in wanted if p is not None]
+    if len(drawn) < len(wanted):
         notes.append(f"plots skipped: {plots_skipped_reason() or 'matplotlib could not draw them'}")
     if command is None and Path(sys.argv[0]).name == "deftly":
         command = shlex.join(["deftly", *sys.argv[1:]])
     payload = {"recipe": recipe, "command": command, "argv": list(sys.argv), "config": config,
                "seed": config.get("seed"),
                "versions": versions(), "columns": [list(c) for c in columns], "rows": rows, "notes": notes,
-               "plots": [Path(p).name for p in plots], **(extra or {})}
+               "plots": [Path(p).name for p in drawn], **(extra or {})}
     write_json(out / "results.json", payload)
     md = [f"# {recipe}", ""]
     if command:
@@ -211,7 +214,7 @@ def write_run(out_dir: str | os.PathLike, *, recipe: str, config: dict[str, Any]
     v = payload["versions"]
     md.append(f"deftly {v['deftly']}, torch {v['torch']}, {v['torch_threads']} threads, {v['platform']}, "
               f"{v['date']}; seed {config.get('seed')}.")
-    md += ["", *[f"![{Path(p).stem}]({Path(p).name})" for p in plots]]
+    md += ["", *[f"![{Path(p).stem}]({Path(p).name})" for p in drawn]]
     atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())
     return out / "results.md"
 

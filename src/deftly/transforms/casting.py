@@ -1,5 +1,5 @@
-"""Casts and moves of :class:`~deftly.transforms.operators.Operator` trees (``.to``, ``.double()``,
-``.cuda()``, ``.to_empty()``): the rules are in the :mod:`~deftly.transforms.operators` docstring.
+"""Casts and moves of :class:`~deftly.transforms.base.Operator` trees (``.to``, ``.double()``,
+``.cuda()``, ``.to_empty()``): the rules are in the :mod:`~deftly.transforms.base` docstring.
 
 ``nn.Module._apply(fn)`` hands every tensor to ``fn`` separately, which for an operator would cast its real
 diagonals to complex (or its complex twiddles to real) and re-round constants that were rounded once
@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeGuard, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # base.py imports this module at run time
+    from .base import Operator
+
+    OpT = TypeVar("OpT", bound=Operator)
 
 __all__ = ["cast", "exact_copy", "retype"]
 
@@ -33,7 +39,7 @@ def exact_copy(value: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return value.detach().to("cpu").to(_wide(value.dtype if dtype is None else dtype), copy=True)
 
 
-def _is_operator(module: nn.Module) -> bool:
+def _is_operator(module: nn.Module) -> TypeGuard[Operator]:
     return isinstance(getattr(module, "_exact", None), dict) and hasattr(module, "in_dtype")
 
 
@@ -49,7 +55,7 @@ def _has_complex(op: nn.Module) -> bool:
         or any(t.is_complex() for t in op.buffers())
 
 
-def cast(op: nn.Module, fn: Callable[[Tensor], Tensor]) -> nn.Module:
+def cast(op: OpT, fn: Callable[[Tensor], Tensor]) -> OpT:
     """Apply ``nn.Module``'s conversion ``fn`` to the operator ``op`` as one precision and device; anything
     else ``fn`` does that keeps dtype and device (e.g. ``share_memory_``) is applied as is."""
     dev, real = op._device(), op.precision()
@@ -69,22 +75,22 @@ def cast(op: nn.Module, fn: Callable[[Tensor], Tensor]) -> nn.Module:
         return op
     name = type(op).__name__
     if new is not None and new.is_complex and not op.in_dtype.is_complex:
-        raise TypeError(f"{name}: cannot cast a real operator ({op.in_dtype} inputs) to {new}: its factors are "
-                        f"real-linear only (they take real parts); cast it to a real dtype of the precision you "
-                        f"want (.to({new.to_real()})) and apply it to the real and imaginary parts of complex "
-                        f"inputs separately")
+        raise TypeError(f"{name}: cannot cast a real operator ({op.in_dtype} inputs) to {new}: its "
+                        f"factors are real-linear only (they take real parts); cast it to a real dtype of "
+                        f"the precision you want (.to({new.to_real()})) and apply it to the real and "
+                        f"imaginary parts of complex inputs separately")
     target = real if new is None else (new.to_real() if new.is_complex else new)
     if not target.is_floating_point:
         raise TypeError(f"{name}: cannot cast to {new}: an operator needs a floating or complex dtype")
     if target not in _COMPLEX_OF and _has_complex(op):
-        raise TypeError(f"{name}: cannot cast to {new}: the operator has complex factors and torch has no complex "
-                        f"counterpart of {target}; use torch.float32 / torch.complex64 (or, for a power-of-two "
-                        f"FFT in bfloat16, Radix2.apply_real_pairs)")
+        raise TypeError(f"{name}: cannot cast to {new}: the operator has complex factors and torch has no "
+                        f"complex counterpart of {target}; use torch.float32 / torch.complex64 (or, for a "
+                        f"power-of-two FFT in bfloat16, Radix2.apply_real_pairs)")
     retype(op, target, pr.device)
     return op
 
 
-def retype(op: nn.Module, real: torch.dtype, device: torch.device) -> None:
+def retype(op: Operator, real: torch.dtype, device: torch.device) -> None:
     """Set the precision (``real`` and its complex counterpart) and device of the operator ``op`` and every
     factor in it, recomputing each remembered constant from its exact value (a constant changed in place
     since it was remembered is cast from its current value)."""
@@ -96,7 +102,11 @@ def retype(op: nn.Module, real: torch.dtype, device: torch.device) -> None:
             exact[id(t)] = ex
 
     def kind(dt: torch.dtype) -> torch.dtype:
-        return cplx if dt.is_complex else real if dt.is_floating_point else dt
+        if dt.is_complex:
+            if cplx is None:  # cast() refuses this first, naming the fix
+                raise TypeError(f"{type(op).__name__}: {real} has no complex counterpart in torch")
+            return cplx
+        return real if dt.is_floating_point else dt
 
     def convert(t: Tensor) -> Tensor:
         ex = exact.get(id(t))

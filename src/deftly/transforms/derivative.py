@@ -19,8 +19,9 @@ import math
 
 import torch
 
+from ..core import check_int, make
 from .dft import _check_n, dft_plan
-from .operators import Compose, Diagonal, LayerOperator, RealPart, SparseMatrix, Sum, ToComplex
+from .operators import Compose, Diagonal, LayerOperator, Operator, RealPart, SparseMatrix, Sum, ToComplex
 from .relatives import _real_dtype
 
 __all__ = ["STENCILS", "Derivative", "derivative", "grid"]
@@ -61,23 +62,22 @@ class Derivative:
 
     @staticmethod
     def finite_difference(n: int, method: str, length: float, order: int, dtype: torch.dtype) -> Sum:
-        import deftly
-
         coef = torch.tensor(STENCILS[(method, order)], dtype=torch.float64) / (length / n) ** order
         w = (coef.numel() - 1) // 2
         if n < 2 * w + 1:
             raise ValueError(f"derivative: n={n} is too small for the {method} stencil of width {2 * w + 1}; "
                              f"use n >= {2 * w + 1} or method='spectral'")
         # built in float64 (the operator remembers exact coefficients, so casts recompute them), then cast
-        band = deftly.make("banded", n, n, bias=False, lower=w, upper=w, dtype=torch.float64)
+        band = make("banded", n, n, bias=False, lower=w, upper=w, dtype=torch.float64)
+        weight = band.get_parameter("weight")
         i = torch.arange(n)
         rows, cols, vals = [], [], []
         with torch.no_grad():
-            band.weight.zero_()
+            weight.zero_()
             for d in range(2 * w + 1):  # weight[d, i] is the entry (i, i + d - w)
                 j = i + d - w
                 inside = (j >= 0) & (j < n)
-                band.weight[d, inside] = coef[d]
+                weight[d, inside] = coef[d]
                 rows.append(i[~inside])
                 cols.append(j[~inside] % n)  # periodic wrap-around
                 vals.append(coef[d].expand(int((~inside).sum())))
@@ -87,28 +87,29 @@ class Derivative:
 
 
 def derivative(n: int, method: str = "spectral", length: float = 2 * math.pi, *, order: int = 1,
-               dtype=None):
+               dtype: torch.dtype | None = None) -> Operator:
     """The ``order``-th derivative on ``n`` periodic samples of period ``length`` as a structured operator.
 
     ``method``: ``"spectral"`` (``F^{-1} diag((ik)^order) F``, any order), ``"fd2"`` or ``"fd4"``
     (banded central differences with periodic corners; ``order`` 1 or 2). Real ``(*, n) -> (*, n)``;
     ``dtype`` float64 (default) or float32.
     """
-    from ..core.base import check_int
-
     n = _check_n("derivative", n)
     if method not in METHODS:
         raise ValueError(f"derivative: method={method!r} is not one of {', '.join(METHODS)}")
     order = check_int("derivative", "order", order, fix="order is the derivative's order, e.g. 1 or 2")
     if not (isinstance(length, (int, float)) and math.isfinite(length) and length > 0):
         raise ValueError(f"derivative: length={length!r} must be a positive finite number (the period)")
-    dtype = _real_dtype("derivative", dtype)
+    real = _real_dtype("derivative", dtype)
+    op: Operator
     if method == "spectral":
-        op = Derivative.spectral(n, float(length), order, dtype)
+        op = Derivative.spectral(n, float(length), order, real)
     else:
         if (method, order) not in STENCILS:
             raise ValueError(f"derivative: method={method!r} supports order 1 or 2, got order={order}; "
                              f"use method='spectral' for higher orders")
-        op = Derivative.finite_difference(n, method, float(length), order, dtype)
-    op.n, op.method, op.length, op.order, op.h = n, method, float(length), order, float(length) / n
+        op = Derivative.finite_difference(n, method, float(length), order, real)
+    # plain attributes; torch annotates nn.Module.__setattr__'s value as Tensor | Module only (it takes any)
+    op.n, op.method, op.length = n, method, float(length)  # type: ignore[assignment]
+    op.order, op.h = order, float(length) / n  # type: ignore[assignment]
     return op

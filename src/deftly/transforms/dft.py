@@ -24,8 +24,11 @@ Also ``hadamard(n)``: Sylvester's ``H_n = H_2 ⊗ ... ⊗ H_2`` by the fast Wals
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..core import check_int
 from .operators import (
     Compose,
     DenseMatrix,
@@ -55,13 +58,11 @@ def smallest_prime_factor(n: int) -> int:
     return n
 
 
-def _check_n(owner: str, n) -> int:
-    from ..core.base import check_int
-
+def _check_n(owner: str, n: Any) -> int:
     return check_int(owner, "n", n, fix="n is the transform length; use n >= 1.")
 
 
-def _complex_dtype(owner: str, dtype) -> torch.dtype:
+def _complex_dtype(owner: str, dtype: Any) -> torch.dtype:
     dtype = torch.complex128 if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not (dtype.is_complex or dtype.is_floating_point):
         raise TypeError(f"{owner}: dtype={dtype!r} is not a float or complex torch dtype; "
@@ -118,8 +119,8 @@ def _prime_plan(p: int, sign: int, dtype: torch.dtype, prime: str) -> Operator:
 class DFT(Compose):
     """The ``n``-point DFT (or inverse) as a product of sparse factors; see :func:`dft`."""
 
-    def __init__(self, n: int, inverse: bool = False, norm: str = "backward", *, dtype=None,
-                 prime: str = "auto") -> None:
+    def __init__(self, n: int, inverse: bool = False, norm: str = "backward", *,
+                 dtype: torch.dtype | None = None, prime: str = "auto") -> None:
         n = _check_n("dft", n)
         if norm not in NORMS:
             raise ValueError(f"dft: norm={norm!r} is not one of {', '.join(NORMS)} (numpy.fft's conventions)")
@@ -129,7 +130,7 @@ class DFT(Compose):
             raise TypeError(f"dft: inverse={inverse!r} must be True or False")
         dtype = _complex_dtype("dft", dtype)
         sign = 1 if inverse else -1
-        ops = [dft_plan(n, sign, dtype, prime)]
+        ops: list[Operator] = [dft_plan(n, sign, dtype, prime)]
         scale = {"backward": 1.0 / n if inverse else 1.0, "forward": 1.0 if inverse else 1.0 / n,
                  "ortho": n ** -0.5}[norm]
         if scale != 1.0:
@@ -137,14 +138,15 @@ class DFT(Compose):
         super().__init__(ops)
         self.n, self.inverse, self.norm, self.prime = n, inverse, norm, prime
 
-    def hparams(self) -> dict:
+    def hparams(self) -> dict[str, Any]:
         return {"n": self.n, "inverse": self.inverse, "norm": self.norm}
 
     def extra_repr(self) -> str:
         return f"n={self.n}, inverse={self.inverse}, norm={self.norm!r}, " + super().extra_repr()
 
 
-def dft(n: int, inverse: bool = False, norm: str = "backward", *, dtype=None, prime: str = "auto") -> DFT:
+def dft(n: int, inverse: bool = False, norm: str = "backward", *, dtype: torch.dtype | None = None,
+        prime: str = "auto") -> DFT:
     """The ``n``-point DFT ``F[k, j] = exp(-2 pi i jk/n)`` (``inverse``: ``exp(+...)``) as an operator.
 
     Args:
@@ -155,13 +157,13 @@ def dft(n: int, inverse: bool = False, norm: str = "backward", *, dtype=None, pr
         dtype: ``torch.complex128`` (default) or ``torch.complex64`` (float dtypes map to their complex).
         prime: how prime factors > 2 are done: ``"auto"`` (fewer FLOPs), ``"bluestein"`` or ``"dense"``.
 
-    Returns a :class:`DFT` (a :class:`~deftly.StructuredLinear`): ``forward`` on ``(*, n)`` inputs (real
-    inputs are cast), ``to_dense()`` from its sparse factors, exact ``flops()``.
+    Returns a :class:`DFT` (an :class:`~deftly.transforms.base.Operator`): ``forward`` on ``(*, n)`` inputs
+    (real inputs are cast), ``to_dense()`` from its sparse factors, exact ``flops()``.
     """
     return DFT(n, inverse, norm, dtype=dtype, prime=prime)
 
 
-def idft(n: int, norm: str = "backward", *, dtype=None, prime: str = "auto") -> DFT:
+def idft(n: int, norm: str = "backward", *, dtype: torch.dtype | None = None, prime: str = "auto") -> DFT:
     """``dft(n, inverse=True, ...)``."""
     return DFT(n, True, norm, dtype=dtype, prime=prime)
 
@@ -169,7 +171,7 @@ def idft(n: int, norm: str = "backward", *, dtype=None, prime: str = "auto") -> 
 class Hadamard(Compose):
     """Sylvester's Hadamard matrix ``H_n`` (``n = 2^k``), optionally scaled by ``1/sqrt n``."""
 
-    def __init__(self, n: int, norm: str = "backward", *, dtype=None) -> None:
+    def __init__(self, n: int, norm: str = "backward", *, dtype: torch.dtype | None = None) -> None:
         n = _check_n("hadamard", n)
         if n & (n - 1):
             raise ValueError(f"hadamard: n={n} is not a power of two (Sylvester's construction); use "
@@ -184,7 +186,7 @@ class Hadamard(Compose):
         self.n, self.norm = n, norm
 
 
-def hadamard(n: int, norm: str = "backward", *, dtype=None) -> Hadamard:
+def hadamard(n: int, norm: str = "backward", *, dtype: torch.dtype | None = None) -> Hadamard:
     """Sylvester's ``H_n`` (``+-1`` entries, ``scipy.linalg.hadamard``) by the fast Walsh–Hadamard
     transform, ``n log2 n`` FLOPs (real); ``norm="ortho"`` scales by ``1/sqrt n``. Default dtype float64."""
     return Hadamard(n, norm, dtype=dtype)

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+
+from ..core import StructuredLinear, make
+from .base import Operator
 
 __all__ = ["FitResult", "fit_transform", "learnable_butterfly_for"]
 
@@ -29,19 +31,18 @@ class FitResult:
     history: list[tuple[int, float]] = field(default_factory=list)  #: (step, rmse) samples
 
 
-def learnable_butterfly_for(kind: str, n: int, *, dtype=torch.float32, seed: int = 0) -> nn.Module:
+def learnable_butterfly_for(kind: str, n: int, *, dtype: torch.dtype = torch.float32,
+                            seed: int = 0) -> StructuredLinear:
     """A randomly initialised bias-free butterfly able to represent ``kind`` (``"dft"``/``"hadamard"``)."""
-    import deftly
-
     torch.manual_seed(seed)
     if kind == "dft":
-        return deftly.make("butterfly", n, n, bias=False, complex=True, perm="bitrev", dtype=dtype)
+        return make("butterfly", n, n, bias=False, complex=True, perm="bitrev", dtype=dtype)
     if kind == "hadamard":
-        return deftly.make("butterfly", n, n, bias=False, dtype=dtype)
+        return make("butterfly", n, n, bias=False, dtype=dtype)
     raise ValueError(f"learnable_butterfly_for: kind={kind!r} must be 'dft' or 'hadamard'")
 
 
-def fit_transform(layer: nn.Module, target: nn.Module, *, steps: int = 400, lr: float = 0.1,
+def fit_transform(layer: StructuredLinear, target: Operator, *, steps: int = 400, lr: float = 0.1,
                   batch: int | None = None, seed: int = 0, log_every: int = 0) -> FitResult:
     """Fit ``layer`` (bias-free, square) to the fixed operator ``target`` from ``(x, target(x))`` pairs.
 

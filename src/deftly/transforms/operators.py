@@ -1,9 +1,8 @@
 """Fixed linear operators built from sparse factors: the building blocks of :mod:`deftly.transforms`.
 
-An :class:`Operator` is a :class:`deftly.StructuredLinear` with no parameters and no bias (its data are
-buffers), so it composes with the rest of the library: ``forward`` on ``(*, in_features)`` inputs,
-``to_dense()``, ``reference_forward``, ``flops()``. Every fast transform here (FFT, Bluestein, DCT,
-circulant, Toeplitz, derivatives) is a :class:`Compose` of a few kinds of factor:
+Every fast transform here (FFT, Bluestein, DCT, circulant, Toeplitz, derivatives) is a :class:`Compose`
+of a few kinds of factor, each an :class:`~deftly.transforms.base.Operator` (the base, its layout, casts
+and FLOP conventions are in :mod:`deftly.transforms.base`):
 
 * :class:`Gather` — permutation / zero-padding / truncation through one index buffer (0 FLOPs);
 * :class:`Diagonal` and :class:`Scale` — elementwise products;
@@ -13,48 +12,23 @@ circulant, Toeplitz, derivatives) is a :class:`Compose` of a few kinds of factor
 * :class:`DenseMatrix` — a small dense block (e.g. a DFT of a small prime size);
 * :class:`ToComplex` / :class:`RealPart` — real <-> complex stages for real transforms (DCT, real
   circulants); :class:`SparseMatrix`, :class:`Sum`, :class:`LayerOperator` for corrections and sums.
-
-**Layout.** Internally every operator maps batch-last columns ``h: (n_in, cols) -> (n_out, cols)``
-(``_apply_cols``), so a chain of factors never transposes; ``forward`` transposes once on the way in and
-out.
-
-**Three independent paths.** ``_apply_cols`` (fast: reshapes and batched elementwise ops),
-``_reference_matmul`` (slow loops over pairs/blocks/entries) and :meth:`Operator.sparse_factors` — the
-explicit list of sparse COO matrices whose product is the operator; ``to_dense()`` multiplies them out and
-never calls the fast path, so tests comparing the three are not circular.
-
-**Casts and moves.** Operators are ordinary modules: ``.to(device)``, ``.cuda()``, ``.to(dtype)``,
-``.double()``, ``.float()``, ``state_dict`` and ``copy.deepcopy`` work. An operator has one *precision*
-(single or double; half / bfloat16 for purely real ones) and keeps its *kind*: a cast changes the
-precision of every factor, real stays real and complex stays complex. So ``dft(n).to(torch.complex64)``
-is the complex64 DFT, and so is ``dft(n).to(torch.float32)`` (as ``dft(n, dtype=torch.float32)``: a
-real dtype names the precision of a complex operator); ``.double()`` gives complex128. A real operator
-(real inputs: Hadamard, DCT, derivatives, real circulants) refuses a complex dtype (its factors take
-real parts), and an operator with complex factors refuses float16 / bfloat16 (torch has no complex
-bfloat16) — both with a ``TypeError`` naming the fix. Every constant (twiddles, diagonals, small dense
-blocks, index maps) is remembered exactly (float64 / complex128, on the CPU) when the operator is built,
-and a cast recomputes the buffers from it: ``dft(n, dtype=torch.complex64).to(torch.complex128)`` is
-bit-for-bit ``dft(n)``, and ``.to("meta")`` then ``.to_empty(device="cpu")`` gives the operator back.
-A constant changed in place since (a trained ``LayerOperator``) is cast from its current value instead.
-
-**FLOPs** are the real floating-point operations the fast path executes: real add or multiply 1, complex
-add 2, complex x complex multiply 6, real x complex multiply 2, a multiply-add 2 (8 if complex). Gathers,
-casts and taking a real part cost 0.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core.base import StructuredLinear
+from ..core import StructuredLinear
 from ..layers.butterfly import bit_reversal, radix2_twiddles, stage_positions
-from .casting import cast, exact_copy
+from .base import REAL_PART, Factor, Operator
+from .casting import exact_copy
 
 __all__ = [
     "REAL_PART",
@@ -73,9 +47,6 @@ __all__ = [
     "ToComplex",
 ]
 
-#: marker in :meth:`Operator.sparse_factors`: take the real part (the map is real-linear on real inputs)
-REAL_PART = "real_part"
-
 
 def _coo(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
     """A coalesced CPU COO matrix (``to_dense`` multiplies the factors on the CPU)."""
@@ -83,103 +54,14 @@ def _coo(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Te
                                    check_invariants=True).coalesce()
 
 
-def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    return torch.promote_types(a, b)
+def _operators(ops: nn.ModuleList) -> Sequence[Operator]:
+    """The operators held in ``ops`` (an ``nn.ModuleList`` of :class:`Operator`, typed as such)."""
+    return cast("Sequence[Operator]", ops)
 
 
-class Operator(StructuredLinear):
-    """A fixed linear operator ``(*, in_features) -> (*, out_features)`` with buffers, no parameters.
-
-    Subclasses implement ``_apply_cols(h)`` on batch-last columns, ``_reference_matmul(x)`` on rows,
-    ``sparse_factors()`` and ``row_flops()``.
-    """
-
-    flop_counter_exact = False
-
-    def __init__(self, in_features: int, out_features: int, *, in_dtype: torch.dtype,
-                 out_dtype: torch.dtype | None = None) -> None:
-        super().__init__(in_features, out_features, bias=False)
-        self.in_dtype = in_dtype
-        self.out_dtype = out_dtype if out_dtype is not None else in_dtype
-        #: qualified tensor name -> its exact value (float64 / complex128 / integer, CPU): casts start here
-        self._exact: dict[str, Tensor] = {}
-
-    def _constant(self, name: str, value: Tensor | None, dtype: torch.dtype | None = None) -> None:
-        """Register the non-persistent buffer ``name`` = ``value`` in ``dtype`` (default: its own) and
-        remember ``value`` exactly, so that casts recompute the buffer instead of re-rounding it."""
-        if value is None:
-            self.register_buffer(name, None, persistent=False)
-            return
-        dtype = value.dtype if dtype is None else dtype
-        self.register_buffer(name, value.to(dtype), persistent=False)
-        self._exact[name] = exact_copy(value, dtype)
-
-    # ------------------------------------------------------------------ to implement
-    def _apply_cols(self, h: Tensor) -> Tensor:  # (in, cols) -> (out, cols)
-        raise NotImplementedError
-
-    def sparse_factors(self) -> list:
-        """Sparse COO matrices (or :data:`REAL_PART`) whose product, first factor applied first, is the
-        operator."""
-        raise NotImplementedError
-
-    def row_flops(self) -> int:
-        """Exact real FLOPs of the fast path per input row."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ shared
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.in_dtype
-
-    def _reset_structure(self) -> None:  # nothing is learned
-        pass
-
-    def _matmul(self, x: Tensor) -> Tensor:
-        return self._apply_cols(x.to(self.in_dtype).T.contiguous()).T  # (batch, out)
-
-    def _device(self) -> torch.device:
-        for t in itertools.chain(self.parameters(), self.buffers()):
-            return t.device
-        return torch.device("cpu")
-
-    # ------------------------------------------------------------------ casts and moves
-    def precision(self) -> torch.dtype:
-        """The real dtype of the operator's precision (float64 for a complex128 operator)."""
-        return self.in_dtype.to_real() if self.in_dtype.is_complex else self.in_dtype
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
-        """``nn.Module``'s hook behind ``.to`` / ``.double()`` / ``.cuda()`` / ``.to_empty()``: one precision
-        and device for the whole operator, constants recomputed (:func:`~deftly.transforms.casting.cast`)."""
-        return cast(self, fn)
-
-    def to_dense(self) -> Tensor:
-        """The ``(out, in)`` matrix as the product of :meth:`sparse_factors` (never the fast path),
-        multiplied on the CPU, returned on the operator's device."""
-        D = torch.eye(self.in_features, dtype=self.in_dtype)
-        for f in self.sparse_factors():
-            if isinstance(f, str):
-                assert f == REAL_PART
-                D = D.real
-                continue
-            dt = _promote(f.dtype, D.dtype)
-            D = torch.sparse.mm(f.to(dt), D.to(dt))
-        return D.to(device=self._device(), dtype=self.out_dtype)
-
-    def flops(self, batch: int = 1) -> int:
-        return batch * self.row_flops()
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def compression(self) -> float:
-        """Dense FLOPs per row / this operator's FLOPs per row."""
-        cplx = self.in_dtype.is_complex or self.out_dtype.is_complex
-        return (8 if cplx else 2) * self.in_features * self.out_features / max(self.row_flops(), 1)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"flops/row={self.row_flops()} ({self.compression():.1f}x fewer than dense)")
+def _as_operators(ops: Sequence[Operator | StructuredLinear]) -> list[Operator]:
+    """``ops`` with every structured layer wrapped in a :class:`LayerOperator`."""
+    return [op if isinstance(op, Operator) else LayerOperator(op) for op in ops]
 
 
 class Compose(Operator):
@@ -188,13 +70,15 @@ class Compose(Operator):
     Nested :class:`Compose` are flattened and adjacent :class:`Gather` are merged into one gather.
     """
 
-    def __init__(self, ops: Sequence[StructuredLinear]) -> None:
+    ops: nn.ModuleList
+
+    def __init__(self, ops: Sequence[Operator | StructuredLinear]) -> None:
         flat: list[Operator] = []
-        for op in ops:
-            op = op if isinstance(op, Operator) else LayerOperator(op)
-            for o in (op.ops if type(op) is Compose else [op]):
-                if flat and isinstance(o, Gather) and isinstance(flat[-1], Gather):
-                    flat[-1] = flat[-1].then(o)
+        for op in _as_operators(ops):
+            for o in (_operators(op.ops) if type(op) is Compose else [op]):
+                last = flat[-1] if flat else None
+                if isinstance(o, Gather) and isinstance(last, Gather):
+                    flat[-1] = last.then(o)
                 else:
                     flat.append(o)
         if not flat:
@@ -208,24 +92,27 @@ class Compose(Operator):
         self.ops = nn.ModuleList(flat)
 
     def _apply_cols(self, h: Tensor) -> Tensor:
-        for op in self.ops:
+        for op in _operators(self.ops):
             h = op._apply_cols(h)
         return h
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
-        for op in self.ops:
+        for op in _operators(self.ops):
             x = op._reference_matmul(x)
         return x
 
-    def sparse_factors(self) -> list:
-        return [f for op in self.ops for f in op.sparse_factors()]
+    def sparse_factors(self) -> list[Factor]:
+        return [f for op in _operators(self.ops) for f in op.sparse_factors()]
 
     def row_flops(self) -> int:
-        return sum(op.row_flops() for op in self.ops)
+        return sum(op.row_flops() for op in _operators(self.ops))
 
 
 class Gather(Operator):
     """``y[i] = x[index[i]]``, or 0 where ``index[i] == in_features``: permutation, padding, truncation."""
+
+    index: Tensor
+    has_zeros: bool
 
     def __init__(self, index: Tensor, in_features: int, dtype: torch.dtype) -> None:
         index = torch.as_tensor(index, dtype=torch.long)
@@ -258,7 +145,7 @@ class Gather(Operator):
         zero = x.new_zeros(x.shape[0])
         return torch.stack([x[:, j] if j < self.in_features else zero for j in self.index.tolist()], -1)
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         index = self.index.cpu()
         keep = index < self.in_features
         rows = torch.arange(self.out_features)[keep]
@@ -278,6 +165,8 @@ def _mul_flops(a: torch.dtype, b: torch.dtype) -> int:
 class Diagonal(Operator):
     """``y = d * x`` elementwise (``d`` real or complex; complex ``d`` needs complex input)."""
 
+    d: Tensor
+
     def __init__(self, d: Tensor, dtype: torch.dtype) -> None:
         if d.is_complex() and not dtype.is_complex:
             raise ValueError(f"Diagonal: complex entries need a complex dtype, got {dtype}")
@@ -291,7 +180,7 @@ class Diagonal(Operator):
     def _reference_matmul(self, x: Tensor) -> Tensor:
         return torch.stack([x[:, i] * self.d[i] for i in range(self.in_features)], -1)
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         i = torch.arange(self.in_features)
         return [_coo(i, i, self.d, (self.in_features, self.in_features))]
 
@@ -301,6 +190,8 @@ class Diagonal(Operator):
 
 class Scale(Operator):
     """``y = s * x`` for a real scalar ``s``."""
+
+    s: float
 
     def __init__(self, n: int, s: float, dtype: torch.dtype) -> None:
         super().__init__(n, n, in_dtype=dtype)
@@ -312,7 +203,7 @@ class Scale(Operator):
     def _reference_matmul(self, x: Tensor) -> Tensor:
         return torch.stack([x[:, i] * self.s for i in range(self.in_features)], -1)
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         i = torch.arange(self.in_features)
         return [_coo(i, i, torch.full((self.in_features,), self.s, dtype=self.in_dtype),
                      (self.in_features, self.in_features))]
@@ -332,6 +223,12 @@ class Radix2(Operator):
     the unnormalised DFT (or inverse DFT): ``w_t = exp(sign 2 pi i t / 2s)``. With ``sign=None`` there are
     no twiddles: the fast Walsh–Hadamard transform (Sylvester's ``H_n``), real or complex.
     """
+
+    n: int
+    sign: int | None
+    log_n: int
+    bitrev: Tensor | None
+    twiddles: Tensor | None
 
     def __init__(self, n: int, sign: int | None, *, bitrev: bool, dtype: torch.dtype) -> None:
         if n < 1 or n & (n - 1):
@@ -367,19 +264,20 @@ class Radix2(Operator):
         cols = re.shape[1]
         if self.bitrev is not None:
             re, im = re.index_select(0, self.bitrev), im.index_select(0, self.bitrev)
-        wr = self.twiddles.real.to(re.dtype) if self.twiddles is not None else None
-        wi = self.twiddles.imag.to(re.dtype) if self.twiddles is not None else None
+        w = (self.twiddles.real.to(re.dtype), self.twiddles.imag.to(re.dtype)) \
+            if self.twiddles is not None else None
         for s in self.strides():
             rv, iv = re.reshape(self.n // (2 * s), 2, s, cols), im.reshape(self.n // (2 * s), 2, s, cols)
             tr, ti, br, bi = rv[:, 0], iv[:, 0], rv[:, 1], iv[:, 1]
-            if wr is not None and s > 1:
+            if w is not None and s > 1:
+                wr, wi = w
                 a, b = wr[s - 1:2 * s - 1].unsqueeze(1), wi[s - 1:2 * s - 1].unsqueeze(1)
                 br, bi = br * a - bi * b, br * b + bi * a
             re = torch.stack((tr + br, tr - br), 1).reshape(self.n, cols)
             im = torch.stack((ti + bi, ti - bi), 1).reshape(self.n, cols)
         return re, im
 
-    def _twiddle(self, s: int, t: int):
+    def _twiddle(self, s: int, t: int) -> Tensor | float:
         return 1.0 if self.twiddles is None else self.twiddles[s - 1 + t]
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -396,8 +294,8 @@ class Radix2(Operator):
             h = new
         return torch.stack(h, -1)
 
-    def sparse_factors(self) -> list:
-        out = []
+    def sparse_factors(self) -> list[Factor]:
+        out: list[Factor] = []
         if self.bitrev is not None:
             out += Gather.permutation(self.bitrev, self.in_dtype).sparse_factors()
         for s in self.strides():
@@ -427,6 +325,9 @@ class Radix2(Operator):
 class KronIdentity(Operator):
     """``A ⊗ I_q``: ``A`` applied to each of the ``q`` interleaved sub-vectors ``x[r::q]``, by a reshape."""
 
+    inner: Operator
+    q: int
+
     def __init__(self, inner: Operator, q: int) -> None:
         super().__init__(inner.in_features * q, inner.out_features * q, in_dtype=inner.in_dtype,
                          out_dtype=inner.out_dtype)
@@ -441,8 +342,8 @@ class KronIdentity(Operator):
         parts = [self.inner._reference_matmul(x[:, r::self.q]) for r in range(self.q)]  # each (b, m')
         return torch.stack(parts, -1).reshape(x.shape[0], self.out_features)  # y[i*q + r]
 
-    def sparse_factors(self) -> list:
-        out = []
+    def sparse_factors(self) -> list[Factor]:
+        out: list[Factor] = []
         for f in self.inner.sparse_factors():
             if isinstance(f, str):
                 out.append(f)
@@ -465,6 +366,8 @@ class KronIdentity(Operator):
 class DenseMatrix(Operator):
     """``y = M x`` for a small dense ``M (out, in)``."""
 
+    M: Tensor
+
     def __init__(self, M: Tensor, dtype: torch.dtype) -> None:
         super().__init__(M.shape[1], M.shape[0], in_dtype=dtype)
         self._constant("M", M, dtype)
@@ -475,7 +378,7 @@ class DenseMatrix(Operator):
     def _reference_matmul(self, x: Tensor) -> Tensor:
         return torch.stack([(x * self.M[o]).sum(-1) for o in range(self.out_features)], -1)
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         return [self.M.cpu().to_sparse()]
 
     def row_flops(self) -> int:
@@ -494,7 +397,7 @@ class ToComplex(Operator):
     def _reference_matmul(self, x: Tensor) -> Tensor:
         return torch.complex(x, torch.zeros_like(x))
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         return []
 
     def row_flops(self) -> int:
@@ -506,6 +409,8 @@ class RealPart(Operator):
 
     Real-linear only: the dense form is exact for real inputs of the enclosing operator.
     """
+
+    d: Tensor | None
 
     def __init__(self, n: int, dtype: torch.dtype, d: Tensor | None = None) -> None:
         super().__init__(n, n, in_dtype=dtype, out_dtype=dtype.to_real())
@@ -521,7 +426,7 @@ class RealPart(Operator):
         d = self.d if self.d is not None else torch.ones(self.in_features, dtype=self.in_dtype)
         return torch.stack([(d[i] * x[:, i]).real for i in range(self.in_features)], -1)
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         out = [] if self.d is None else Diagonal(self.d, self.in_dtype).sparse_factors()
         return out + [REAL_PART]
 
@@ -531,6 +436,10 @@ class RealPart(Operator):
 
 class SparseMatrix(Operator):
     """``y = S x`` for a few explicit entries ``S[rows[e], cols[e]] = vals[e]`` (e.g. periodic corners)."""
+
+    rows: Tensor
+    cols: Tensor
+    vals: Tensor
 
     def __init__(self, rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int],
                  dtype: torch.dtype) -> None:
@@ -549,7 +458,7 @@ class SparseMatrix(Operator):
             y[r] = y[r] + v * x[:, c]
         return torch.stack(y, -1)
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         return [_coo(self.rows, self.cols, self.vals, (self.out_features, self.in_features))]
 
     def row_flops(self) -> int:
@@ -557,9 +466,16 @@ class SparseMatrix(Operator):
 
 
 class LayerOperator(Operator):
-    """Any :class:`StructuredLinear` (bias ignored) as an operator; FLOPs from its ``flops()``."""
+    """Any :class:`~deftly.StructuredLinear` (bias ignored) as an operator; FLOPs from its ``flops()``.
+
+    The one place where a learned layer joins an operator product (its parameters stay trainable)."""
+
+    layer: StructuredLinear
 
     def __init__(self, layer: StructuredLinear) -> None:
+        if not isinstance(layer, StructuredLinear):
+            raise TypeError(f"LayerOperator: layer must be a deftly.StructuredLinear (e.g. from "
+                            f"deftly.make(...)), got {type(layer).__name__}; an Operator is used as is")
         wd = layer.weight_dtype
         out = layer.to_dense().dtype
         super().__init__(layer.in_features, layer.out_features, in_dtype=wd, out_dtype=out)
@@ -573,7 +489,7 @@ class LayerOperator(Operator):
     def _reference_matmul(self, x: Tensor) -> Tensor:
         return self.layer._reference_matmul(x)
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         return [self.layer.to_dense().detach().cpu().to_sparse()]
 
     def row_flops(self) -> int:
@@ -583,37 +499,48 @@ class LayerOperator(Operator):
 class Sum(Operator):
     """``y = sum_i ops[i] x`` (same shapes and dtypes)."""
 
-    def __init__(self, ops: Sequence[StructuredLinear]) -> None:
-        ops = [op if isinstance(op, Operator) else LayerOperator(op) for op in ops]
-        a = ops[0]
-        for b in ops[1:]:
+    ops: nn.ModuleList
+
+    def __init__(self, ops: Sequence[Operator | StructuredLinear]) -> None:
+        terms = _as_operators(ops)
+        if not terms:
+            raise ValueError("Sum: needs at least one operator")
+        a = terms[0]
+        for b in terms[1:]:
             if (b.in_features, b.out_features, b.in_dtype, b.out_dtype) != \
                     (a.in_features, a.out_features, a.in_dtype, a.out_dtype):
                 raise ValueError("Sum: operators must share in/out sizes and dtypes")
         super().__init__(a.in_features, a.out_features, in_dtype=a.in_dtype, out_dtype=a.out_dtype)
-        self.ops = nn.ModuleList(ops)
+        self.ops = nn.ModuleList(terms)
 
     def _apply_cols(self, h: Tensor) -> Tensor:
-        y = self.ops[0]._apply_cols(h)
-        for op in self.ops[1:]:
+        first, *rest = _operators(self.ops)
+        y = first._apply_cols(h)
+        for op in rest:
             y = y + op._apply_cols(h)
         return y
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
-        y = self.ops[0]._reference_matmul(x)
-        for op in self.ops[1:]:
+        first, *rest = _operators(self.ops)
+        y = first._reference_matmul(x)
+        for op in rest:
             y = y + op._reference_matmul(x)
         return y
 
     def to_dense(self) -> Tensor:
-        return sum(op.to_dense() for op in self.ops)
+        first, *rest = _operators(self.ops)
+        y = first.to_dense()
+        for op in rest:
+            y = y + op.to_dense()
+        return y
 
-    def sparse_factors(self) -> list:
+    def sparse_factors(self) -> list[Factor]:
         return [self.to_dense().cpu().to_sparse()]
 
     def row_flops(self) -> int:
         add = 2 if self.out_dtype.is_complex else 1
-        return sum(op.row_flops() for op in self.ops) + (len(self.ops) - 1) * self.out_features * add
+        adds = (len(self.ops) - 1) * self.out_features * add
+        return sum(op.row_flops() for op in _operators(self.ops)) + adds
 
 
 def unit_roots(n: int, exponents: Tensor, sign: int) -> Tensor:

@@ -18,12 +18,13 @@ Real ``c`` gives a real operator (real input, the real part of the complex produ
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core.base import StructuredLinear, check_int, init_uniform_
+from ..core import StructuredLinear, check_int, init_uniform_
 from ..layers.butterfly import makhoul_order
 from .dft import _check_n, dft_plan
 from .operators import Compose, Diagonal, Gather, Operator, RealPart, ToComplex
@@ -31,7 +32,7 @@ from .operators import Compose, Diagonal, Gather, Operator, RealPart, ToComplex
 __all__ = ["DCT", "Circulant", "CircularConv1d", "Toeplitz", "circulant", "dct", "toeplitz"]
 
 
-def _real_dtype(owner: str, dtype) -> torch.dtype:
+def _real_dtype(owner: str, dtype: Any) -> torch.dtype:
     dtype = torch.float64 if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{owner}: dtype={dtype!r} is not supported; use torch.float64 (default) or "
@@ -42,7 +43,7 @@ def _real_dtype(owner: str, dtype) -> torch.dtype:
 class DCT(Compose):
     """Type-II DCT of length ``n`` by Makhoul's algorithm; see :func:`dct`."""
 
-    def __init__(self, n: int, norm: str = "ortho", *, dtype=None) -> None:
+    def __init__(self, n: int, norm: str = "ortho", *, dtype: torch.dtype | None = None) -> None:
         n = _check_n("dct", n)
         if norm not in ("ortho", "backward"):
             raise ValueError(f"dct: norm={norm!r} must be 'ortho' (orthonormal) or 'backward' (scipy's "
@@ -61,12 +62,12 @@ class DCT(Compose):
         self.n, self.norm = n, norm
 
 
-def dct(n: int, norm: str = "ortho", *, dtype=None) -> DCT:
+def dct(n: int, norm: str = "ortho", *, dtype: torch.dtype | None = None) -> DCT:
     """The ``n``-point DCT-II, ``scipy.fft.dct(x, type=2, norm=norm)``, any ``n``; real in, real out."""
     return DCT(n, norm, dtype=dtype)
 
 
-def _as_vector(owner: str, name: str, c) -> Tensor:
+def _as_vector(owner: str, name: str, c: Any) -> Tensor:
     c = torch.as_tensor(c)
     if c.dim() != 1 or c.numel() == 0:
         raise ValueError(f"{owner}: {name} must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
@@ -87,7 +88,7 @@ def _circulant_ops(col: Tensor, dtype: torch.dtype) -> list[Operator]:
     return ops
 
 
-def _dtype_for(c: Tensor, dtype) -> torch.dtype:
+def _dtype_for(c: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         return dtype
     return torch.complex128 if c.is_complex() else torch.float64
@@ -96,7 +97,9 @@ def _dtype_for(c: Tensor, dtype) -> torch.dtype:
 class Circulant(Compose):
     """``C[i, j] = c[(i - j) mod n]``; see :func:`circulant`."""
 
-    def __init__(self, c, *, dtype=None) -> None:
+    c: Tensor
+
+    def __init__(self, c: Any, *, dtype: torch.dtype | None = None) -> None:
         c = _as_vector("circulant", "c", c)
         dtype = _dtype_for(c, dtype)
         if c.is_complex() and not dtype.is_complex:
@@ -105,7 +108,7 @@ class Circulant(Compose):
         self._constant("c", c, dtype)
 
 
-def circulant(c, *, dtype=None) -> Circulant:
+def circulant(c: Any, *, dtype: torch.dtype | None = None) -> Circulant:
     """The circulant matrix with first column ``c`` as ``F^{-1} diag(F c) F`` (any length).
 
     ``dtype`` defaults to float64 for real ``c`` (a real operator) and complex128 for complex ``c``.
@@ -116,7 +119,7 @@ def circulant(c, *, dtype=None) -> Circulant:
 class Toeplitz(Compose):
     """``T[i, j] = c[i - j]`` for ``i >= j`` else ``r[j - i]``, shape ``(len(c), len(r))``."""
 
-    def __init__(self, c, r=None, *, dtype=None) -> None:
+    def __init__(self, c: Any, r: Any = None, *, dtype: torch.dtype | None = None) -> None:
         c = _as_vector("toeplitz", "c", c)
         r = c.conj() if r is None else _as_vector("toeplitz", "r", r)
         dtype = _dtype_for(c if c.is_complex() else r, dtype)
@@ -130,7 +133,7 @@ class Toeplitz(Compose):
         self.L = L
 
 
-def toeplitz(c, r=None, *, dtype=None) -> Toeplitz:
+def toeplitz(c: Any, r: Any = None, *, dtype: torch.dtype | None = None) -> Toeplitz:
     """Toeplitz ``(len(c), len(r))`` with first column ``c`` and first row ``r`` (``r[0]`` ignored;
     ``r=None`` means ``conj(c)``, as ``scipy.linalg.toeplitz``), through a power-of-two circulant."""
     return Toeplitz(c, r, dtype=dtype)
@@ -149,7 +152,8 @@ class CircularConv1d(StructuredLinear):
     flop_counter_exact = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 kernel_size: int | None = None, device=None, dtype=None) -> None:
+                 kernel_size: int | None = None, device: Any = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.n = max(in_features, out_features)
         k = self.n if kernel_size is None else kernel_size
@@ -162,7 +166,7 @@ class CircularConv1d(StructuredLinear):
         self.ifft = dft_plan(self.n, 1, cd)
         self.reset_parameters()
 
-    def hparams(self) -> dict:
+    def hparams(self) -> dict[str, Any]:
         return {"kernel_size": self.kernel_size}
 
     def _reset_structure(self) -> None:
@@ -196,7 +200,12 @@ class CircularConv1d(StructuredLinear):
         return self._kernel_column()[(i - j) % self.n]  # C[i, j] = w[(i - j) mod n]
 
     @classmethod
-    def param_count(cls, in_features: int, out_features: int, *, kernel_size: int | None = None) -> int:
+    def param_count(cls, in_features: int, out_features: int, **hparams: Any) -> int:
+        unknown = sorted(set(hparams) - {"kernel_size"})
+        if unknown:
+            raise TypeError(f"CircularConv1d.param_count: unknown hyperparameters {unknown}; "
+                            f"it takes kernel_size only")
+        kernel_size = hparams.get("kernel_size")
         return max(in_features, out_features) if kernel_size is None else kernel_size
 
     def flops(self, batch: int = 1) -> int:
