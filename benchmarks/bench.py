@@ -10,9 +10,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from targets import evaluate_targets  # noqa: E402
+from targets import evaluate_targets
 
-from deftly.bench import main  # noqa: E402
+from deftly.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(targets=evaluate_targets))

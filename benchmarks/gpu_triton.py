@@ -102,7 +102,7 @@ def check_triton(device, shapes, log) -> list[dict]:
             ok = max(errs) < tol
             rows.append({"structure": name, "size": f"{i}x{o}", "hparams": hp, "dtype": str(dtype).split(".")[-1],
                          "rel_err_fwd": errs[0], "rel_err_grads": errs[1:], "tol": tol, "ok": ok})
-            log(f"  triton {name:9s} {i}x{o} {str(dtype):15s} fwd {errs[0]:.1e}  grads "
+            log(f"  triton {name:9s} {i}x{o} {dtype!s:15s} fwd {errs[0]:.1e}  grads "
                 f"{' '.join(f'{e:.1e}' for e in errs[1:])}  {'ok' if ok else 'FAIL'}")
     return rows
 
@@ -119,7 +119,7 @@ def bench(device, n, batches, dtypes, nblocks, log) -> list[dict]:
             w = torch.randn(n, n, device=device, dtype=dtype) / n ** 0.5
             g = torch.randn(batch, n, device=device, dtype=dtype)
             for mode in ("fwd", "fwdbwd"):
-                def lin():
+                def lin(mode=mode, x=x, w=w, g=g):  # bound now: the loop moves on
                     if mode == "fwd":
                         with torch.no_grad():
                             F.linear(x, w)
@@ -139,7 +139,7 @@ def bench(device, n, batches, dtypes, nblocks, log) -> list[dict]:
                     for backend in ("kernel", "triton"):
                         layer.kernel_backend = backend
 
-                        def fn():
+                        def fn(mode=mode, layer=layer, x=x, g=g):  # bound now: the loop moves on
                             if mode == "fwd":
                                 with torch.no_grad():
                                     layer(x)
@@ -152,7 +152,7 @@ def bench(device, n, batches, dtypes, nblocks, log) -> list[dict]:
                                 T.TILE_CAP = cap
                                 try:
                                     t = run(fn)
-                                except Exception as err:  # a tile too large for shared memory, say
+                                except Exception as err:  # noqa: BLE001 - a tile too large for shared memory, say
                                     log(f"    triton cap {cap}: {type(err).__name__}: {str(err)[:120]}")
                                     continue
                                 finally:
@@ -174,15 +174,16 @@ def bench(device, n, batches, dtypes, nblocks, log) -> list[dict]:
 
 
 def _md(res: dict) -> str:
-    lines = [f"# Triton kernels on {res['device_name']}", "", f"`{res['command']}` — torch {res['torch']}, "
-             f"triton {res['triton']}, {res['date']}", "", "## Correctness (rel. max error vs float64 reference)", "",
+    lines = [f"# Triton kernels on {res['device_name']}", "", (f"`{res['command']}` — torch {res['torch']}, "
+                                                               f"triton {res['triton']}, {res['date']}"),
+             "", "## Correctness (rel. max error vs float64 reference)", "",
              "| structure | size | dtype | fwd | grads (x, params) | ok |", "| --- | --- | --- | --- | --- | --- |"]
     for r in res["triton_checks"]:
         lines.append(f"| {r['structure']} | {r['size']} | {r['dtype']} | {r['rel_err_fwd']:.1e} | "
                      f"{' '.join(f'{e:.1e}' for e in r['rel_err_grads'])} | {r['ok']} |")
-    lines += ["", f"Every registered structure on the device vs its `to_dense()`: "
-              f"{sum(r['ok'] for r in res['structures'])}/{len(res['structures'])} ok "
-              f"(max rel err {max(r['rel_err'] for r in res['structures']):.1e}).", "",
+    lines += ["", (f"Every registered structure on the device vs its `to_dense()`: "
+                   f"{sum(r['ok'] for r in res['structures'])}/{len(res['structures'])} ok "
+                   f"(max rel err {max(r['rel_err'] for r in res['structures']):.1e})."), "",
               "## Speed (median ms, CUDA events)", "",
               "| dtype | mode | batch | structure | impl | ms | nn.Linear ms | speed-up | ideal | % ideal | TFLOP/s |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

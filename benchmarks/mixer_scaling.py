@@ -462,6 +462,63 @@ def wait_quiet(limit: float, max_wait: float) -> None:
         time.sleep(15)
 
 
+def charlm_compare(attn_dir: str, mixer_dir: str, out: str) -> str:
+    """Compare two ``deftly train charlm`` runs (``--mixer attention`` / ``--mixer monarch-mixer``, same other
+    options): parameters, val bits/char at equal steps and at the attention run's training time (the
+    recorded clock, interpolated in the mixer's history). Writes ``<out>.charlm.{md,json}``."""
+
+    def load(d: str) -> dict:
+        data = json.loads((Path(d) / "results.json").read_text())
+        row = data["rows"][0]
+        hist = data.get("histories", {}).get(row["structure"]) or row.get("history") or []
+        return {"dir": d, "config": data.get("config", {}), "row": row, "history": hist,
+                "command": data.get("command")}
+
+    def at(hist: list, key: str, x: float) -> float | None:
+        pts = [(h[key], h["val_bpc"]) for h in hist]
+        if not pts or x > pts[-1][0] + 1e-9:
+            return None
+        prev = (0.0, pts[0][1])
+        for px, py in pts:
+            if px >= x:
+                return py if px == prev[0] else prev[1] + (x - prev[0]) / (px - prev[0]) * (py - prev[1])
+            prev = (px, py)
+        return pts[-1][1]
+
+    a, m = load(attn_dir), load(mixer_dir)
+    steps = a["config"].get("steps")
+    res = {"attention": a, "mixer": m, "steps": steps}
+    for k, r in (("attention", a), ("mixer", m)):
+        res[k + "_summary"] = {"params": r["row"]["params"], "train_time": r["row"]["train_time"],
+                               "steps": r["row"]["steps"], "val_bpc_equal_steps": at(r["history"], "step", steps),
+                               "final_val_bpc": r["history"][-1]["val_bpc"] if r["history"] else None,
+                               "step_ms": r["row"].get("step_ms")}
+    ta = a["row"]["train_time"]
+    res["mixer_val_bpc_at_attention_time"] = at(m["history"], "train_time", ta)
+    res["attention_val_bpc_at_mixer_time"] = at(a["history"], "train_time", m["row"]["train_time"])
+    sa, sm = res["attention_summary"], res["mixer_summary"]
+    rel = sm["val_bpc_equal_steps"] / sa["val_bpc_equal_steps"] - 1
+    lines = ["| model | parameters | val bits/char @ step " + str(steps) + " | vs attention | training time (s, "
+             + str(a["config"].get("clock", "wall")) + " clock) | median step ms |", "|---|---|---|---|---|---|",
+             (f"| attention | {sa['params']:,} | {sa['val_bpc_equal_steps']:.4f} | - | {sa['train_time']:.0f} | "
+             f"{_fmt(sa['step_ms'], '.0f')} |"),
+             (f"| monarch-mixer | {sm['params']:,} | {sm['val_bpc_equal_steps']:.4f} | {rel:+.2%} | "
+             f"{sm['train_time']:.0f} | {_fmt(sm['step_ms'], '.0f')} |"), ""]
+    mt = res["mixer_val_bpc_at_attention_time"]
+    if mt is not None:
+        lines.append(f"Equal training time ({ta:.0f} s, the attention run's): mixer {mt:.4f} vs attention "
+                     f"{sa['val_bpc_equal_steps']:.4f} bits/char ({mt / sa['val_bpc_equal_steps'] - 1:+.2%}).")
+    else:
+        at_m = res["attention_val_bpc_at_mixer_time"]
+        lines.append(f"Equal training time: the mixer finished its {sm['steps']} steps in {sm['train_time']:.0f} s, "
+                     f"before attention's {ta:.0f} s; attention at {sm['train_time']:.0f} s: "
+                     f"{_fmt(at_m, '.4f')} bits/char vs the mixer's {sm['val_bpc_equal_steps']:.4f}.")
+    text = "\n".join(lines) + "\n"
+    Path(out + ".charlm.md").write_text(text)
+    Path(out + ".charlm.json").write_text(json.dumps(res, indent=1, default=str))
+    return text
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: T = 64, 256, 1024, d = 32, 4096 tokens")
@@ -479,6 +536,8 @@ def parse(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     ap.add_argument("--memory-items", type=lambda s: s.split(","), default=None,
                     help="items whose memory is probed (default: all)")
+    ap.add_argument("--memory-max-seconds", type=float, default=None,
+                    help="skip the memory probe of a configuration whose timed fwd+bwd took longer (said so)")
     ap.add_argument("--no-exactness", action="store_true")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                     help="wait up to SECONDS for the load average to drop below 1 before measuring")
@@ -486,6 +545,9 @@ def parse(argv=None):
                     help="malloc settings for every item alike (default glibc as is; glibc-nommap keeps freed "
                          "memory, thp: torch's transparent huge pages)")
     ap.add_argument("--out", default=None, help="output prefix (default benchmarks/results/mixer_scaling[.quick])")
+    ap.add_argument("--charlm", nargs=2, metavar=("ATTENTION_RUN", "MIXER_RUN"),
+                    help="instead of timing: compare two `deftly train charlm` run directories (--mixer attention "
+                         "and --mixer monarch-mixer) and write <out>.charlm.{md,json}")
     ap.add_argument("--probe", nargs=2, metavar=("ITEM", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -508,6 +570,9 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.charlm:
+        print(charlm_compare(args.charlm[0], args.charlm[1], args.out))
+        return 0
     if args.probe:
         torch.set_num_threads(int(args.threads))
         print(json.dumps(probe(args.probe[0], int(args.probe[1]), args.d, args.heads, args.tokens)))
@@ -533,6 +598,10 @@ def main(argv=None) -> int:
             for it in args.items:
                 v = res["times"][it].get(T, {})
                 if "skipped" in v or (args.memory_items and it not in args.memory_items):
+                    continue
+                if args.memory_max_seconds and v.get("fwdbwd_s", 0) > args.memory_max_seconds:
+                    res["notes"].append(f"memory of {it} at T={T} not probed: its fwd+bwd took "
+                                        f"{v['fwdbwd_s']:.0f} s > --memory-max-seconds {args.memory_max_seconds:g}")
                     continue
                 memory[f"{it}|{T}"] = run_probe(it, T, args)
                 print(f"  T={T:6d} {it:15s} {memory[f'{it}|{T}'].get('fwdbwd_mib', 'error')}", flush=True)

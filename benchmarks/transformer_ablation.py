@@ -392,7 +392,18 @@ def grid() -> list[Arm]:
         Arm("B/blockdiag rule", model="B", structure="blockdiag", shapes="rule:blockdiag", steps=S),
         Arm("B/lowrank", model="B", structure="lowrank", shapes="rule:lowrank", steps=S),
     ]
-    return arms
+    return [a for n in ORDER for a in arms if a.name == n] + [a for a in arms if a.name not in ORDER]
+
+
+# run order (most informative first; the wall-clock on a shared 2-core machine is ~6x the CPU time)
+ORDER = ["A/dense lr1e-3", "A/dense lr2e-3", "A/dense lr5e-4", "A/monarch picker", "A/monarch sq b8",
+         "A/dense seed1", "A/monarch sq b8 seed1", "A/monarch picker cap1", "A/monarch sq b8 uniform",
+         "A/monarch sq b16", "A/blockdiag b4", "A/blockdiag picker", "A/lowrank", "A/monarch sq b8 cap2",
+         "A/monarch sq b4", "A/monarch sq b32", "A/monarch square slices b8",
+         "A/monarch sq b8 mlp only", "A/monarch sq b8 attn only", "A/lowrank attn + monarch mlp",
+         "B/dense lr1e-3", "B/dense lr2e-3", "B/dense lr5e-4", "B/monarch picker", "B/monarch sq rule",
+         "B/blockdiag rule", "B/lowrank",
+         "A/monarch sq b8 cbs-init", "A/dense cbs-init", "A/monarch sq b8 zero-last", "A/dense zero-last"]
 
 
 # ---------------------------------------------------------------------------------------------- surgery

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from deftly.bench import config as bench_config
 from deftly.bench import suite as bench_suite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from targets import evaluate_targets  # noqa: E402
+from targets import evaluate_targets
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Bad input everywhere: property-based tests (hypothesis) over the public API and the CLI.
 
 Registry-driven: every structure in ``deftly.structures()`` gets every test, hyperparameters come from its
-``examples()`` / ``bad_examples()`` / ``__init__`` signature. Each call either works correctly or raises a
+``examples()`` / ``BAD_EXAMPLES`` (tests/structure_cases.py) / ``__init__`` signature. Each call either works correctly or raises a
 ``ValueError``/``TypeError`` whose message names the offending argument — never another exception, a
 silent wrong shape, a modified input, or a hang (every example runs under a SIGALRM guard).
 
@@ -36,6 +36,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structure_cases import BAD_EXAMPLES
 
 import deftly
 
@@ -280,7 +281,7 @@ def seen_values(name: str) -> list:
         for o in (1, 6, 16, 20):
             for ex in cls.examples(i, o):
                 vals += list(ex.values())
-    for ex in cls.bad_examples():
+    for ex in BAD_EXAMPLES.get(name, []):
         vals += list(ex.values())
     out = []
     for v in vals:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structure_cases import BAD_EXAMPLES
 from test_fuzz import FUZZ, NAMES, hparam_names, no_hang, values_for
 
 import deftly
@@ -75,11 +76,11 @@ def test_rank_above_saturation_is_refused_and_the_maximum_is_exact(case):
 
 
 def test_bad_examples_include_an_over_large_rank():
-    """The generic bad-input test (tests/test_generic.py) runs each structure's bad_examples() at 16x16:
+    """The generic bad-input test (tests/test_generic.py) runs BAD_EXAMPLES (tests/structure_cases.py) at 16x16:
     every structure with a rank lists one above its 16x16 bound."""
     for name in NAMES:
         if "rank" in hparam_names(name):
-            ranks = [b["rank"] for b in deftly.get(name).bad_examples() if isinstance(b.get("rank"), int)]
+            ranks = [b["rank"] for b in BAD_EXAMPLES[name] if isinstance(b.get("rank"), int)]
             assert any(r > 1 for r in ranks), (name, ranks)
 
 

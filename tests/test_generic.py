@@ -1,18 +1,22 @@
 """The generic suite: every registered structure gets every test here, driven by the registry.
 
-A new structure only has to register itself and list ``examples()`` / ``bad_examples()``: it then gets
+A new structure only has to register itself, list ``examples()`` and add its refused hyperparameters to
+``BAD_EXAMPLES`` in tests/structure_cases.py (checked below): it then gets
 dense-equivalence (hypothesis over sizes), the slow-reference check, float64 gradcheck, exact counts,
 state_dict round trip, bf16, ``torch.compile(fullgraph=True)``, determinism, init variance and errors.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structure_cases import BAD_EXAMPLES
 from torch.utils.flop_counter import FlopCounterMode
 
 import deftly
@@ -88,7 +92,7 @@ def test_gradcheck_float64(case):
         names = [n for n, _ in layer.named_parameters()]
         x = torch.randn(3, in_f, dtype=layer.to_dense().dtype, requires_grad=True)
 
-        def f(x, *ps):
+        def f(x, *ps, layer=layer, names=names):
             return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
 
         inputs = (x, *[p.detach().clone().requires_grad_(True) for p in layer.parameters()])
@@ -125,7 +129,7 @@ def test_state_dict_round_trip(case):
                        if params in deftly.get(name).examples(*size))
     layer = build(name, in_f, out_f, params, seed=1)
     other = deftly.make(name, layer.in_features, layer.out_features, dtype=torch.float64, **layer.hparams())
-    missing, unexpected = other.load_state_dict(layer.state_dict(), strict=True)
+    other.load_state_dict(layer.state_dict(), strict=True)  # raises on any missing or unexpected key
     x = torch.randn(4, layer.in_features, dtype=torch.float64)
     torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
 
@@ -198,9 +202,10 @@ def test_init_variance_matches_linear(case):
     for in_f, out_f in [(256, 256), (128, 384)]:
         if params not in deftly.get(name).examples(in_f, out_f):
             continue
-        got = _output_variance(lambda: deftly.make(name, in_f, out_f, dtype=torch.float64, **params),
+        got = _output_variance(functools.partial(deftly.make, name, in_f, out_f, dtype=torch.float64, **params),
                                in_f, out_f)
-        want = _output_variance(lambda: deftly.make("dense", in_f, out_f, dtype=torch.float64), in_f, out_f)
+        want = _output_variance(functools.partial(deftly.make, "dense", in_f, out_f, dtype=torch.float64),
+                                in_f, out_f)
         assert abs(got / want - 1) <= 0.2, f"{name} {params} {in_f}x{out_f}: var {got:.4f} vs dense {want:.4f}"
 
 
@@ -211,10 +216,31 @@ def test_last_dim_mismatch_names_both_sizes():
             layer(torch.randn(3, 15))
 
 
+def _hyperparameters(name: str) -> list[str]:
+    sig = inspect.signature(deftly.get(name).__init__)
+    return [p.name for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("device", "dtype")]
+
+
+def test_every_structure_has_bad_examples():
+    """A structure registered without an entry in tests/structure_cases.py would silently skip the bad-input
+    test below; one with hyperparameters needs at least one refused set, and stale entries are errors too."""
+    names = deftly.structures()
+    missing = [n for n in names if n not in BAD_EXAMPLES]
+    assert not missing, f"add BAD_EXAMPLES entries in tests/structure_cases.py for {missing}"
+    stale = sorted(set(BAD_EXAMPLES) - set(names))
+    assert not stale, f"BAD_EXAMPLES lists unregistered structures {stale}"
+    empty = [n for n in names if _hyperparameters(n) and not BAD_EXAMPLES[n]]
+    assert not empty, f"structures with hyperparameters but no bad examples: {empty}"
+    for name in names:
+        unknown = {k for bad in BAD_EXAMPLES[name] for k in bad} - set(_hyperparameters(name))
+        assert not unknown, f"{name}: BAD_EXAMPLES uses parameters it does not take: {sorted(unknown)}"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_hyperparameters_raise(name):
-    cls = deftly.get(name)
-    for bad in cls.bad_examples():
+    assert name in BAD_EXAMPLES, f"add a BAD_EXAMPLES entry for {name!r} in tests/structure_cases.py"
+    for bad in BAD_EXAMPLES[name]:
         with pytest.raises((ValueError, TypeError)) as info:
             deftly.make(name, 16, 16, **bad)
         msg = str(info.value)

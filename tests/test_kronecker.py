@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import deftly
-from deftly.layers.kronecker import Kronecker
 from deftly.core.partition import balanced_factors
+from deftly.layers.kronecker import Kronecker
 
 # (in, out, in_factors, out_factors, rank); None = balanced default
 CASES = [(16, 16, None, None, 1), (13, 17, None, None, 2), (17, 13, (6, 3), (7, 2), 3),

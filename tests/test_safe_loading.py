@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from structure_cases import BAD_EXAMPLES
 from torch import nn
 
 import deftly
@@ -386,14 +387,14 @@ def test_deftly_load_unknown_structure(saved):
 @pytest.mark.parametrize("saved", SAVED, indirect=True)
 def test_deftly_load_invalid_hyperparameters(saved):
     name, _, _, directory = saved
-    def refused(hp):  # bad_examples() are bad for 16x16; keep those that are bad for this layer too
+    def refused(hp):  # BAD_EXAMPLES are bad for 16x16; keep those that are bad for this layer too
         try:
             deftly.make(name, IN, OUT, **hp)
         except (ValueError, TypeError):
             return True
         return False
 
-    bad = [hp for hp in deftly.get(name).bad_examples() if refused(hp)]
+    bad = [hp for hp in BAD_EXAMPLES.get(name, []) if refused(hp)]
     if not bad:
         bad = [{"definitely_not_a_param": 3}]
     for hp in bad:

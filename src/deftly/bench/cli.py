@@ -66,10 +66,10 @@ def config_from_args(args) -> BenchConfig:
     if args.modes:
         cfg.modes = list(args.modes)
     if args.structures:
-        import deftly
+        from ..core.registry import get
 
         for s in args.structures:
-            deftly.get(s)
+            get(s)
         cfg.structures = list(args.structures)
     if args.peers is not None:
         cfg.peers = args.peers
@@ -142,7 +142,7 @@ def _tune(args: argparse.Namespace) -> int:
     for (i, o), cands in found.items():
         print(f"\n{i}x{o}, {opts.rows} rows ({opts.mode}, {str(opts.dtype).replace('torch.', '')}):")
         for c in sorted(cands, key=lambda c: c.time_fraction):
-            print(f"  {c.structure:10s} {str(c.hparams):60s} params {c.params:>10,}  time {c.time_fraction:5.2f}x "
+            print(f"  {c.structure:10s} {c.hparams!s:60s} params {c.params:>10,}  time {c.time_fraction:5.2f}x "
                   f"dense  speed-up {c.speedup:5.2f}x")
     print(f"\nwrote {latency.cache_path()}")
     return 0

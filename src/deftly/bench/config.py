@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from ..core.base import StructuredLinear
 
 SIZES_FULL = [(1024, 1024), (4096, 4096), (1024, 4096)]
 #: glibc without mmap for large blocks and without trimming: freed 32 MB buffers are reused from the heap
@@ -55,12 +57,12 @@ def bench_hparams(name: str, in_f: int, out_f: int) -> dict[str, Any]:
     return {}
 
 
-def build(name: str, in_f: int, out_f: int, dtype: torch.dtype, **extra: Any) -> nn.Module:
-    import deftly
+def build(name: str, in_f: int, out_f: int, dtype: torch.dtype, **extra: Any) -> StructuredLinear:
+    from ..core.registry import get, make
 
     hp = {**bench_hparams(name, in_f, out_f), **extra}
     try:
-        return deftly.make(name, in_f, out_f, dtype=dtype, **hp)
+        return make(name, in_f, out_f, dtype=dtype, **hp)
     except (ValueError, TypeError):
-        ex = deftly.get(name).examples(in_f, out_f)[0]
-        return deftly.make(name, in_f, out_f, dtype=dtype, **{**ex, **extra})
+        ex = get(name).examples(in_f, out_f)[0]
+        return make(name, in_f, out_f, dtype=dtype, **{**ex, **extra})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from typing import TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +98,10 @@ class _PeftModule(nn.Module):
         return dict(self._hp)
 
 
-PEERS: dict[str, Callable[[int, int, torch.dtype], nn.Module]] = {
+#: a peer implementation: each has ``flops(batch)`` and ``hparams()`` like a deftly structure
+Peer: TypeAlias = "_ColaModule | _PeftModule"
+
+PEERS: dict[str, Callable[[int, int, torch.dtype], Peer]] = {
     "cola.kronecker": lambda i, o, d: _ColaModule("kronecker", i, o, d),
     "cola.blockdiag": lambda i, o, d: _ColaModule("blockdiag", i, o, d),
     "cola.lowrank": lambda i, o, d: _ColaModule("lowrank", i, o, d),

@@ -7,17 +7,20 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
+from ..core.base import StructuredLinear
 from .config import KERNEL_STRUCTURES, BenchConfig, build
 from .measure import _load1, bf16_check, machine_info, measure_pair, peak_memory
-from .peers import PEERS, _quiet_warnings, peers_available
+from .peers import PEERS, Peer, _quiet_warnings, peers_available
 
 #: rows -> target verdicts (the issues' thresholds live in benchmarks/targets.py)
 Targets = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+#: what a row times: a deftly structure or a peer implementation
+Layer: TypeAlias = "StructuredLinear | Peer"
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -44,14 +47,14 @@ def _callables(layer: nn.Module, x: Tensor, mode: str) -> Callable[[], Any]:
     return fwdbwd
 
 
-def _chosen_backend(layer: nn.Module, batch: int, dtype: torch.dtype, mode: str) -> str:
+def _chosen_backend(layer: Layer, batch: int, dtype: torch.dtype, mode: str) -> str:
     """The dispatcher's choice for this row (``*``: its untuned default), or ``-`` for peers."""
-    import deftly.kernels.dispatch as dsp
+    from ..kernels import dispatch as dsp
 
     forced = layer.__dict__.get("kernel_backend")
     if forced:
         return forced
-    if not hasattr(layer, "hparams") or not hasattr(layer, "name"):
+    if not isinstance(layer, StructuredLinear):  # a peer: no dispatcher
         return "-"
     wd = getattr(layer, "weight_dtype", dtype)
     if wd.is_complex and not dtype.is_complex:  # real inputs are cast to the layer's complex dtype
@@ -62,19 +65,19 @@ def _chosen_backend(layer: nn.Module, batch: int, dtype: torch.dtype, mode: str)
 
 def _cases(cfg: BenchConfig) -> list[tuple[str, str, dict]]:
     """``(label, kind, extra)``: kind ``structure`` / ``peer``; extra: constructor kwargs or backend."""
-    import deftly
+    from ..core.registry import structures
 
-    names = cfg.structures or deftly.structures()
+    names = cfg.structures or structures()
     out: list[tuple[str, str, dict]] = []
     for name in names:
         if name == "dense":
             continue
         out.append((name, "structure", {}))
         if cfg.backends and name in KERNEL_STRUCTURES:
-            import deftly.kernels as K
+            from ..kernels import backends
 
             # only what runs on the CPU (triton: benchmarks/gpu_triton.py; forced, it would fall back)
-            for b in K.backends(name, torch.empty(1, 1)):
+            for b in backends(name, torch.empty(1, 1)):
                 if b != "dense":
                     out.append((f"{name}@{b}", "structure", {"backend": b}))
         if cfg.fft and name == "butterfly":
@@ -87,7 +90,7 @@ def _cases(cfg: BenchConfig) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _make(label: str, kind: str, extra: dict, in_f: int, out_f: int, dtype: torch.dtype) -> nn.Module:
+def _make(label: str, kind: str, extra: dict, in_f: int, out_f: int, dtype: torch.dtype) -> Layer:
     if kind == "peer":
         return PEERS[label](in_f, out_f, dtype)
     name = label.split("@")[0].split("[")[0]
@@ -159,7 +162,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print, targets: Targets |
         on_row: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Run the grid; returns ``{"meta": ..., "rows": [...], "targets": [...]}``. ``on_row(meta, rows)``
     is called after each measured row (the rows so far), e.g. to save partial results."""
-    import deftly.kernels as K
+    from .. import kernels as K
 
     torch.manual_seed(cfg.seed)
     meta = {**machine_info(), "config": {**asdict(cfg), "sizes": [f"{i}x{o}" for i, o in cfg.sizes]},
@@ -182,7 +185,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print, targets: Targets |
     for in_f, out_f in cfg.sizes:
         for dname in dtypes:
             dt = _dtype(dname)
-            layers: dict[str, nn.Module] = {}
+            layers: dict[str, Layer] = {}
             for label, kind, extra in cases:
                 if label == "butterfly[fft]" and in_f != out_f:
                     continue

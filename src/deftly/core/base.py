@@ -170,12 +170,13 @@ class StructuredLinear(nn.Module):
         return {}
 
     @classmethod
-    def param_count(cls, in_features: int, out_features: int, **hparams: Any) -> int:
-        """Exact number of stored weight entries (bias excluded) for these sizes."""
+    def param_count(cls, in_features: int, out_features: int, *args: Any, **hparams: Any) -> int:
+        """Exact number of stored weight entries (bias excluded) for these sizes. (``*args: Any,
+        **hparams: Any`` lets each structure declare its own hyperparameters: mypy accepts any override.)"""
         raise NotImplementedError
 
     @classmethod
-    def flop_count(cls, in_features: int, out_features: int, **hparams: Any) -> int:
+    def flop_count(cls, in_features: int, out_features: int, *args: Any, **hparams: Any) -> int:
         """Exact FLOPs per input row of the fast multiply: 2 x multiply-adds, padding included."""
         raise NotImplementedError
 
@@ -183,12 +184,6 @@ class StructuredLinear(nn.Module):
     def examples(cls, in_features: int, out_features: int) -> list[dict[str, Any]]:
         """Valid hyperparameter sets for these sizes, used by the generic tests and ``deftly show``."""
         return [{}]
-
-    @classmethod
-    def bad_examples(cls) -> list[dict[str, Any]]:
-        """Hyperparameter sets that must be refused for a 16x16 layer (``ValueError``/``TypeError``
-        whose message names the bad value); drives the generic bad-input test."""
-        return []
 
     # ------------------------------------------------------------------ projection and budgets
     def _project_closed_form(self, weight: Tensor, cov: Tensor | None = None) -> bool:
@@ -228,7 +223,7 @@ class StructuredLinear(nn.Module):
         return cls.examples(in_features, out_features)
 
     @classmethod
-    def shape_score(cls, in_features: int, out_features: int, **hparams: Any) -> float:
+    def shape_score(cls, in_features: int, out_features: int, *args: Any, **hparams: Any) -> float:
         """How far these hyperparameters are from the shape a practitioner would choose (0 = the
         structure's published parametrisation; padding, lopsided blocks and extra factors cost more).
         The budget solver (:func:`deftly.surgery.budget.choose_hparams`) takes, among the candidates

@@ -41,7 +41,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 from torch import Tensor
@@ -101,6 +101,13 @@ class _State:
     tuning = os.environ.get("DEFTLY_TUNE", "") == "1"
     timer: Callable[[str, Callable[[], Any]], float] | None = None
     forced: ClassVar[dict[str | None, str]] = {}
+
+
+class StructuredModule(Protocol):
+    """What dispatch reads from a structure class (:class:`deftly.core.base.StructuredLinear` is one; this
+    module sits below it, so it names the shape rather than importing the class)."""
+
+    kernels: ClassVar[dict[str, KernelSpec]]
 
 
 STATE = _State()
@@ -283,7 +290,7 @@ def _dense(layer: Any, x: Tensor, bias: Tensor | None) -> Tensor:
     return y if bias is None else y + bias
 
 
-def route(cls: type, name: str) -> Callable[[Any, Tensor, Tensor | None], Tensor]:
+def route(cls: type[StructuredModule], name: str) -> Callable[[Any, Tensor, Tensor | None], Tensor]:
     """``run(layer, x, bias) -> y`` for backend ``name`` of structure class ``cls``."""
     if name == NATIVE:
         return _native
@@ -510,7 +517,7 @@ def _tune(key: tuple, layer: Any, f: Facts, x: Tensor, train: bool) -> str:
     _TIMINGS[key] = results
     if not results:
         return default
-    winner = min(results, key=results.get)
+    winner = min(results, key=results.__getitem__)
     if default in results and results[default] <= MARGIN * results[winner]:
         return default
     return winner

@@ -9,6 +9,7 @@ ATen for the rest of the process. ``DEFTLY_NO_INDUCTOR=1`` disables it.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -71,19 +72,24 @@ def cached_transpose(w: Tensor) -> Tensor:
     ``bmm`` reads a transposed operand ~1.4x slower at batch 1, and copying it every call costs more than
     that. Weights above :data:`CACHE_BYTES` and inference tensors get the plain view."""
     hit = _T_CACHE.get(id(w))
-    if hit is not None and hit[0]() is w and hit[1] == w._version and hit[2] == w.data_ptr():
-        return hit[3]
+    if hit is not None and hit[0]() is w:
+        try:
+            if hit[1] == w._version and hit[2] == w.data_ptr():
+                return hit[3]
+        except RuntimeError:  # a tensor without storage now: never served from the cache
+            pass
     wt = w.transpose(1, 2)
     if w.numel() * w.element_size() > CACHE_BYTES or torch.compiler.is_compiling():
         return wt
     try:
         ver = w._version
-    except RuntimeError:  # inference tensors carry no version counter
+        ptr = w.data_ptr()
+    except RuntimeError:  # inference tensors carry no version counter; functorch/fake tensors no storage
         return wt
     key = id(w)
     with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in any mode later
         c = wt.contiguous()
-    _T_CACHE[key] = (weakref.ref(w, lambda r, key=key: _drop(r, key)), ver, w.data_ptr(), c)
+    _T_CACHE[key] = (weakref.ref(w, functools.partial(_drop, key=key)), ver, ptr, c)
     return c
 
 

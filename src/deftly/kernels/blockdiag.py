@@ -93,14 +93,14 @@ class BlockDiagFunction(torch.autograd.Function):
     """Autograd wrapper of :func:`blockdiag_forward` / :func:`blockdiag_backward` (first order only)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, strided: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, strided: bool) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.strided = strided
         return blockdiag_forward(x, weight, strided)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy: Tensor):  # type: ignore[override]
+    def backward(ctx, gy: Tensor):
         x, weight = ctx.saved_tensors
         dx, dw = blockdiag_backward(gy, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                     ctx.strided)
@@ -122,6 +122,7 @@ def _(x, weight):
 @torch.library.custom_op("deftly::blockdiag_backward", mutates_args=())
 def _blockdiag_bwd_op(gy: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     dx, dw = blockdiag_backward(gy.contiguous(), x.contiguous(), weight)
+    assert dx is not None and dw is not None  # both requested (the defaults)
     return dx, dw
 
 
@@ -165,10 +166,10 @@ def _small_forward(x: Tensor, weight: Tensor, out_index: Tensor | None, bias: Te
     batch = x.shape[0]
     xb = x.reshape(batch, k, p).transpose(0, 1)  # (k, batch, p)
     fuse = bias is not None and out_index is None and bias.dtype == x.dtype
-    if fuse and batch == 1:
+    if fuse and bias is not None and batch == 1:  # (fuse implies a bias; named for mypy)
         return torch.baddbmm(bias.view(k, 1, q), xb, cached_transpose(weight)).view(1, k * q)
     yv = torch.bmm(xb, cached_transpose(weight)).transpose(0, 1)  # (batch, k, q)
-    if fuse:
+    if fuse and bias is not None:
         return torch.add(bias.view(k, q), yv).reshape(batch, k * q)  # bias first: contiguous out
     y = yv.reshape(batch, k * q)
     if out_index is not None:

@@ -27,6 +27,7 @@ copy (a 2-D transpose when the last group is the high one) gives the ``(batch, n
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -138,7 +139,7 @@ def butterfly_blocks(twiddle: Tensor, perm: str = "none") -> list[tuple[bool, Te
         blocks = _fold_bitrev(blocks, k1, log_n - k1)
     if cacheable:
         tid = id(twiddle)
-        _CACHE[tid] = (weakref.ref(twiddle, lambda r, tid=tid: _drop(r, tid)), key, blocks)
+        _CACHE[tid] = (weakref.ref(twiddle, functools.partial(_drop, key=tid)), key, blocks)
     return blocks
 
 
@@ -183,11 +184,11 @@ class _Transpose2D(torch.autograd.Function):
     loop that is two orders of magnitude slower)."""
 
     @staticmethod
-    def forward(ctx, src: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, src: Tensor) -> Tensor:
         return src.t().contiguous()
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, g: Tensor) -> Tensor:
         return g.t().contiguous()
 
 
@@ -238,6 +239,7 @@ def _prepare(x: Tensor, dtype: torch.dtype, gather_index: Tensor | None, in_feat
     cast: on a real input it moves half the bytes)."""
     if perm != "none":  # gather from [x, 0]: padding slots read the appended zero column
         src = x if in_features == n else F.pad(x, (0, 1))
+        assert gather_index is not None  # layers pass one whenever perm != 'none'
         x = src.index_select(1, gather_index)
     elif in_features != n:
         x = F.pad(x, (0, n - in_features))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from ..core.registry import structures as _structures
 from . import _transpose
 from . import butterfly as _butterfly
 
+if TYPE_CHECKING:
+    from ..core.base import StructuredLinear
+
 __all__ = [
     "AUTO",
     "TUNED_DTYPES",
@@ -58,7 +61,7 @@ __all__ = [
 ]
 
 
-def _cls(structure: Any) -> type:
+def _cls(structure: Any) -> type[StructuredLinear]:
     if isinstance(structure, str):
         return _get(structure)
     return structure if isinstance(structure, type) else type(structure)

@@ -126,7 +126,7 @@ class MonarchFunction(torch.autograd.Function):
     """Autograd wrapper of :func:`monarch_forward` / :func:`monarch_backward` (first order only)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, R: Tensor, L: Tensor, rank: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, R: Tensor, L: Tensor, rank: int) -> Tensor:
         y, h = monarch_forward(x, R, L, rank)
         ctx.save_for_backward(x, h, R, L)
         ctx.rank = rank
@@ -134,7 +134,7 @@ class MonarchFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy: Tensor):  # type: ignore[override]
+    def backward(ctx, gy: Tensor):
         x, h, R, L = ctx.saved_tensors
         nx, nr, nl = ctx.needs_input_grad[:3]
         dx, dR, dL = monarch_backward(gy, x, h, R, L, ctx.rank, nx, nr, nl)
@@ -159,6 +159,7 @@ def _(x, R, L, rank):
 def _monarch_bwd_op(gy: Tensor, x: Tensor, h: Tensor, R: Tensor, L: Tensor, rank: int
                     ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dR, dL = monarch_backward(gy.contiguous(), x.contiguous(), h, R, L, rank)
+    assert dx is not None and dR is not None and dL is not None  # all three requested (the defaults)
     return dx, dR, dL
 
 

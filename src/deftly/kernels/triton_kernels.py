@@ -134,13 +134,13 @@ def _bd_bwd(gy: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 
 class _BlockDiagTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w):  # type: ignore[override]
+    def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
         return _bd_fwd(x, w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):  # type: ignore[override]
+    def backward(ctx, gy):
         x, w = ctx.saved_tensors
         return _bd_bwd(gy, x, w)
 
@@ -193,7 +193,7 @@ def _mo_bwd(gy: Tensor, x: Tensor, h: Tensor, R: Tensor, L: Tensor, r: int):
 
 class _MonarchTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, R, L, r):  # type: ignore[override]
+    def forward(ctx, x, R, L, r):
         y, h = _mo_fwd(x, R, L, r)
         ctx.save_for_backward(x, h, R, L)
         ctx.r = r
@@ -201,7 +201,7 @@ class _MonarchTriton(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):  # type: ignore[override]
+    def backward(ctx, gy):
         x, h, R, L = ctx.saved_tensors
         dx, dR, dL = _mo_bwd(gy, x, h, R, L, ctx.r)
         return dx, dR, dL, None

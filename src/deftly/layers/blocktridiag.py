@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.base import StructuredLinear, check_int, init_uniform_
-from ..core.partition import ceil_div
 from ..core.linalg import set_param_
+from ..core.partition import ceil_div
 from ..core.registry import register
 from .banded import gram_solve, unit_dead_slots
 
@@ -198,7 +198,3 @@ class BlockTridiagonal(StructuredLinear):
             if ex not in seen:
                 seen.append(ex)
         return seen
-
-    @classmethod
-    def bad_examples(cls) -> list[dict]:
-        return [{"block": 0}, {"block": -4}, {"block": 17}, {"block": 2.0}]

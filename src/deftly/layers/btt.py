@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.base import StructuredLinear, check_int, init_uniform_
-from ..core.partition import balanced_factors
 from ..core.linalg import low_rank_factors, set_param_
+from ..core.partition import balanced_factors
 from ..core.registry import register
 from .dense import output_variance_scale
 from .kronecker import check_factors
@@ -139,6 +140,7 @@ class BlockTensorTrain(StructuredLinear):
                 h = h.permute(0, 2, 4, 3, 1, 5).reshape(N * M, batch, cols).contiguous()  # (N_k*M_k, batch, n*r)
             h = torch.bmm(h, core.reshape(N * M, rows, cols).transpose(1, 2))  # (N_k*M_k, batch, m_k*r_k)
         # after step d: (M_d, batch, m_d) with output index (m_1..m_{d-1}, m_d)
+        assert h is not None  # ncores >= 2: the loop ran
         y = h.transpose(0, 1).reshape(batch, math.prod(m))
         return y[:, : self.out_features]
 
@@ -151,7 +153,8 @@ class BlockTensorTrain(StructuredLinear):
             outs = []
             for a_flat, a in enumerate(itertools.product(*map(range, n[: d - k]))):
                 for b_flat, b in enumerate(itertools.product(*map(range, m[: k - 1]))):
-                    sl = S[(slice(None), *a, slice(None), *b, slice(None))]  # (batch, n_{d-k+1}, r_{k-1})
+                    idx: tuple[slice | int, ...] = (slice(None), *a, slice(None), *b, slice(None))
+                    sl = S[idx]  # (batch, n_{d-k+1}, r_{k-1})
                     outs.append(sl.reshape(batch, -1) @ core[a_flat, b_flat].T)  # (batch, m_k*r_k)
             r_k = core.shape[2] // m[k - 1]
             S = torch.stack(outs, 1).reshape(batch, *n[: d - k], *m[:k], r_k)
@@ -251,7 +254,7 @@ class BlockTensorTrain(StructuredLinear):
         for nf, mf in shapes:
             top = max_rank(nf, mf)  # for 2 cores: the slice size min(m_2, n_2)
             for r in range(1, 33):
-                hp = {"ncores": len(nf), "rank": r, "in_factors": nf, "out_factors": mf}
+                hp: dict[str, Any] = {"ncores": len(nf), "rank": r, "in_factors": nf, "out_factors": mf}
                 if r > 1 and (r > top or cls.param_count(in_features, out_features, **hp) > dense):
                     break
                 cands.append(hp)
@@ -291,9 +294,3 @@ class BlockTensorTrain(StructuredLinear):
         top3 = max_rank(balanced_factors(in_features, 3), balanced_factors(out_features, 3))
         out = [{"ncores": 2, "rank": 1}, {"ncores": 2, "rank": min(2, top2)}, {"ncores": 3, "rank": min(2, top3)}]
         return [hp for i, hp in enumerate(out) if hp not in out[:i]]
-
-    @classmethod
-    def bad_examples(cls) -> list[dict]:
-        return [{"ncores": 1}, {"ncores": 2.0}, {"rank": 0}, {"in_factors": (3, 5)},
-                {"out_factors": (4, 2, 1), "ncores": 2}, {"in_factors": (4, 4), "out_factors": (2, 2, 4)},
-                {"in_factors": "44"}, {"ncores": 2, "rank": 5}]

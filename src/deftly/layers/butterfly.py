@@ -166,6 +166,9 @@ class Butterfly(DerivedBuffers, StructuredLinear):
     }
     # FlopCounterMode counts the real bmm's exactly but a complex bmm as if real (4x too few)
     flop_counter_exact = False
+    # index buffers derived from (n, perm, in_features) by reset_parameters (see _derived_buffers)
+    gather_index: Tensor
+    input_slot: Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, depth: int = 1,
                  complex: bool | None = None, init: str = "random", perm: str | None = None,
@@ -396,9 +399,3 @@ class Butterfly(DerivedBuffers, StructuredLinear):
     def hparam_candidates(cls, in_features: int, out_features: int) -> list[dict]:
         # real layers only (a drop-in for a real nn.Linear); depth is the budget knob
         return [{"depth": d} for d in (1, 2, 3, 4)]
-
-    @classmethod
-    def bad_examples(cls) -> list[dict]:
-        return [{"depth": 0}, {"depth": 1.5}, {"init": "fourier"}, {"init": "fft", "complex": False},
-                {"perm": "random"}, {"complex": "yes"}, {"real_output": True, "complex": False},
-                {"init_norm": "unitary", "init": "fft"}]

@@ -83,7 +83,3 @@ class LowRank(StructuredLinear):
     @classmethod
     def examples(cls, in_features: int, out_features: int) -> list[dict]:
         return [{"rank": max(1, min(in_features, out_features) // 4)}, {"rank": 1}]
-
-    @classmethod
-    def bad_examples(cls) -> list[dict]:
-        return [{"rank": 0}, {"rank": -3}, {"rank": 2.5}, {"rank": 17}]

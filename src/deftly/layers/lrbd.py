@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ..core.base import StructuredLinear
-from ..core.partition import _divisors
 from ..core.linalg import cov_sqrt, low_rank_factors, set_param_
+from ..core.partition import _divisors
 from ..core.registry import register
 from .blockdiag import BlockDiagonal
 from .lowrank import LowRank
@@ -98,7 +98,7 @@ class LowRankBlockDiagIdentity(StructuredLinear):
             E = T - S
             return float(E.pow(2).sum() if root is None else (E @ root).pow(2).sum())
 
-        best = None
+        best: tuple[float, Tensor | None, Tensor | None, Tensor | None] | None = None
         for first in ("lowrank", "blockdiag"):
             Ld = torch.zeros_like(T)
             Bd = torch.zeros_like(T)
@@ -119,7 +119,9 @@ class LowRankBlockDiagIdentity(StructuredLinear):
                 prev = err
             if best is None or prev < best[0]:
                 best = (prev, U, V, blocks)
+        assert best is not None  # two starts ran
         _, U, V, blocks = best
+        assert U is not None and V is not None and blocks is not None  # projection_rounds >= 1
         set_param_(self.lowrank.U, U)
         set_param_(self.lowrank.V, V)
         set_param_(self.blockdiag.weight, blocks)
@@ -158,7 +160,3 @@ class LowRankBlockDiagIdentity(StructuredLinear):
     def examples(cls, in_features: int, out_features: int) -> list[dict]:
         lim = min(in_features, out_features)
         return [{"rank": max(1, lim // 8), "nblocks": min(4, lim)}, {"rank": 1, "nblocks": lim}]
-
-    @classmethod
-    def bad_examples(cls) -> list[dict]:
-        return [{"rank": 0}, {"rank": 17}, {"nblocks": 0}, {"nblocks": 17}]

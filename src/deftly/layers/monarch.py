@@ -19,14 +19,14 @@ is two ``bmm``s; both permutations are folded into the layout copies that ``bmm`
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..core.base import StructuredLinear, check_int, init_uniform_
-from ..core.partition import Partition, _divisors, balanced_factors, ceil_div
 from ..core.linalg import low_rank_factors, set_param_
+from ..core.partition import Partition, _divisors, balanced_factors, ceil_div
 from ..core.registry import register
 from ..kernels import KernelSpec, monarch_matmul, monarch_matmul_triton, triton_usable
 from .dense import output_variance_scale
@@ -93,7 +93,7 @@ class Monarch(StructuredLinear):
         return y[:, : self.out_features]
 
     def _kernel_args(self) -> tuple:
-        p, part = self._parameters, self._modules["in_part"]
+        p, part = self._parameters, cast(Partition, self._modules["in_part"])
         return (p["R"], p["L"], self.rank, self.out_features, None if part.exact else part.gather_index)
 
     def _reference_matmul(self, x: Tensor) -> Tensor:
@@ -202,8 +202,3 @@ class Monarch(StructuredLinear):
         top = min(ceil_div(in_features, k2), ceil_div(out_features, l2))  # the slice size caps the rank
         return [{"nblocks": k, "out_blocks": l, "rank": 1},
                 {"nblocks": k2, "out_blocks": l2, "rank": min(2, top)}]
-
-    @classmethod
-    def bad_examples(cls) -> list[dict]:
-        return [{"nblocks": 0}, {"nblocks": 17}, {"out_blocks": 17}, {"rank": 0}, {"rank": -1},
-                {"nblocks": 4, "out_blocks": 4, "rank": 5}]

@@ -38,14 +38,14 @@ def _match(spec: Any, names: list[str], what: str, *, allow_regex_fallback: bool
         except re.error as err:
             raise ValueError(f"{what}={spec!r} is not a valid regular expression ({err}); use a regex, a "
                              f"list of module names or suffixes, or 'all-linear'") from None
-        hit = [n for n in names if rx.fullmatch(n)]
-        if not hit:
+        matched = [n for n in names if rx.fullmatch(n)]
+        if not matched:
             inside = [n for n in names if rx.search(n)]
             hint = (f" It occurs inside {len(inside)} name(s) (e.g. {inside[0]!r}) but must match the whole "
                     f"name (re.fullmatch): try {'.*' + spec + '.*'!r}, or pass a list of suffixes."
                     if inside else "")
             raise ValueError(f"{what}={spec!r} matches no linear layer.{hint} {_describe_candidates(names)}")
-        return hit
+        return matched
     entries = list(spec)
     hit: list[str] = []
     for entry in entries:

@@ -145,7 +145,8 @@ def error_curve(structure: str, weight: Tensor, cal: Any, *, kind: str = "params
     M, total = _whitened_energy(weight, cal)
     points: dict[int, tuple[float, dict[str, Any] | None]] = {}
     if structure == "lowrank" and not (set(fixed) - {"rank"}) and "rank" not in fixed:
-        sv2 = torch.linalg.svdvals(M).pow(2)
+        sv2 = torch.linalg.svdvals(M).pow(2)  # fewer than min(in, out) when C is rank-deficient: pad
+        sv2 = torch.cat([sv2, sv2.new_zeros(max(min(in_f, out_f) - sv2.numel(), 0))])
         tail = (sv2.sum() - torch.cumsum(sv2, 0)).clamp_min(0)  # tail[r-1] = error at rank r
         for r in range(1, min(in_f, out_f) + 1):
             n = cls.flop_count(in_f, out_f, rank=r) if kind == "flops" else cls.param_count(in_f, out_f, rank=r)

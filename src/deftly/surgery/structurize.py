@@ -48,7 +48,15 @@ from ..core.registry import make
 from .budget import choose_hparams, dense_count
 from .config import _CONFIG_KEYS, StructureConfig, _match, _override_matches
 from .marks import guard_save_pretrained, record_origin
-from .modules import dense_weight, is_conv1d, linear_modules, model_params, output_head, set_module, linear_shape
+from .modules import (
+    dense_weight,
+    is_conv1d,
+    linear_modules,
+    linear_shape,
+    model_params,
+    output_head,
+    set_module,
+)
 from .report import LayerReport, SurgeryReport
 
 __all__ = ["collect_calibration", "match_layers", "structurize"]

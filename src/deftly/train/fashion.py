@@ -181,7 +181,9 @@ def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, prog
     x, y, xt, yt = data
     stats["flops"] = forward_flops(model, x[:1])  # per example, every linear layer, every token
     idx = epoch_batches(len(x), cfg.batch_size, cfg.seed)
-    steps = cfg.epochs * idx.steps_per_epoch  # type: ignore[attr-defined]
+    # epoch_batches sets steps_per_epoch on the function it returns (typed as a plain Callable)
+    per_epoch: int = idx.steps_per_epoch  # type: ignore[attr-defined]
+    steps = cfg.epochs * per_epoch
 
     def get_batch(step: int):
         i = idx(step)
@@ -191,8 +193,8 @@ def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, prog
         return F.cross_entropy(m(batch[0]), batch[1])
 
     tcfg = TrainConfig(steps=steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=max(1, steps // 50),
-                       min_lr_ratio=0.0, mup=cfg.mup, eval_every=idx.steps_per_epoch,  # type: ignore[attr-defined]
-                       checkpoint_every=max(1, idx.steps_per_epoch // 2), seed=cfg.seed,  # type: ignore[attr-defined]
+                       min_lr_ratio=0.0, mup=cfg.mup, eval_every=per_epoch,
+                       checkpoint_every=max(1, per_epoch // 2), seed=cfg.seed,
                        progress=progress, label=f"fashion-mnist {cfg.model} {structure}")
     res = train(model, get_batch, loss_fn, tcfg, evaluate=lambda m: {"test_acc": accuracy(m, xt, yt)},
                 checkpoint_path=sub / "checkpoint.safetensors", resume=resume, strategy=strategy,
@@ -200,7 +202,7 @@ def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, prog
     row = {"structure": structure, **stats, "train_time": res.train_time,
            "test_acc": 100.0 * res.history[-1]["test_acc"], "final_train_loss": res.final_loss,
            "epochs": cfg.epochs, "steps": res.step,
-           "curve": [(h["step"] / idx.steps_per_epoch, 100.0 * h["test_acc"]) for h in res.history]}  # type: ignore
+           "curve": [(h["step"] / per_epoch, 100.0 * h["test_acc"]) for h in res.history]}
     if ddist.is_main():
         write_json(done, {"key": key, "row": row})
     return row
