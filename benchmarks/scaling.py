@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import deftly
-from deftly.data import wikipedia
 from deftly.core.files import atomic_write_bytes
+from deftly.data import wikipedia
 from deftly.train.charlm import GPT, lm_loss, train_batches, val_bits_per_char, val_windows
 
 TARGETS = r"blocks\.\d+\.(qkv|proj|fc1|fc2)"
@@ -147,11 +146,11 @@ def write_outputs(out: Path, args: argparse.Namespace, arms: list[dict], runs: d
         r["vs_dense_pct"] = 100.0 * (r["val_bpc"] / d["val_bpc"] - 1.0) if d else None
     payload = {"command": " ".join([sys.executable, *sys.argv]), "config": vars(args), "runs": runs, "rows": rows}
     atomic_write_bytes(out.with_suffix(".json"), json.dumps(payload, indent=1, default=str).encode())
-    lines = [f"# Compute-matched scaling (char-LM, Wikipedia)\n",
+    lines = ["# Compute-matched scaling (char-LM, Wikipedia)\n",
              f"`{payload['command']}`\n",
-             f"{args.layers} layers, ctx {args.ctx}, batch {args.batch_size}, {args.steps} steps, budget "
-             f"{args.budget} of each linear layer, lr sweep {args.lrs} (best per arm), seed {args.seed}, "
-             f"one thread. Training FLOPs/step = 3 x forward FLOPs (FlopCounterMode).\n"]
+             (f"{args.layers} layers, ctx {args.ctx}, batch {args.batch_size}, {args.steps} steps, budget "
+              f"{args.budget} of each linear layer, lr sweep {args.lrs} (best per arm), seed {args.seed}, "
+              f"one thread. Training FLOPs/step = 3 x forward FLOPs (FlopCounterMode).\n")]
     for match in ["flops", "params"]:
         sub = [r for r in rows if r["match"] in ("-", match)]
         if not any(r["match"] == match for r in sub):

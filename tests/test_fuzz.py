@@ -79,9 +79,9 @@ def check_forward(layer, x: torch.Tensor, requires_grad: bool = False) -> str:
         problems.append((ValueError, "0-d"))
     elif x.shape[-1] != layer.in_features:
         problems.append((ValueError, "in_features"))
-    if not (x.is_floating_point() or x.is_complex()):
-        problems.append((TypeError, "dtype"))
-    elif x.dtype != wd and not (wd.is_complex and not x.is_complex()):
+    not_float = not (x.is_floating_point() or x.is_complex())
+    wrong_dtype = x.dtype != wd and not (wd.is_complex and not x.is_complex())  # real into complex is cast
+    if not_float or wrong_dtype:
         problems.append((TypeError, "dtype"))
     if requires_grad and (x.is_floating_point() or x.is_complex()):
         x = x.detach().requires_grad_(True)
