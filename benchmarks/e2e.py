@@ -44,7 +44,6 @@ Writes ``e2e.md`` (tables), ``e2e.json`` (every field) and ``e2e.png`` into ``--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -55,8 +54,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -331,7 +331,7 @@ def _to_nn_linear(model: nn.Module) -> nn.Module:
     """Replace every deftly ``dense`` layer by an ``nn.Linear`` holding the same weight and bias."""
     import deftly
 
-    for name, m in list(model.named_modules()):
+    for _name, m in list(model.named_modules()):
         for cname, child in list(m.named_children()):
             if isinstance(child, deftly.StructuredLinear) and child.name == "dense":
                 lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)

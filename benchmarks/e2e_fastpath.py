@@ -30,8 +30,9 @@ import statistics
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -139,7 +140,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     now = time.process_time if args.clock == "cpu" else time.perf_counter
-    import deftly
     from deftly.data import minilm, wikipedia
 
     tok, dense = minilm.load()

@@ -32,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +348,9 @@ def grid() -> list[Arm]:
         Arm("A/lowrank uniform", structure="lowrank", shapes="rule:lowrank", lr_mode="uniform", steps=S),
         # --- multipliers: caps / square root on the square shape
         Arm("A/monarch sq b8 cap2", shapes=b8, lr_mode="cap2", **M),
+        Arm("A/monarch sq b8 cap1", shapes=b8, lr_mode="cap1", **M),
+        Arm("A/blockdiag b4 cap1", structure="blockdiag", shapes="rule:blockdiag", lr_mode="cap1", steps=S),
+        Arm("A/lowrank cap1", structure="lowrank", shapes="rule:lowrank", lr_mode="cap1", steps=S),
         Arm("A/monarch sq b8 sqrt", shapes=b8, lr_mode="sqrt", **M),
         # --- rank vs blocks at the same budget (nblocks * rank = 32 on 256x256); rectangular forms
         Arm("A/monarch sq b4", shapes=sq + ":nblocks=4", **M),
@@ -398,7 +401,8 @@ def grid() -> list[Arm]:
 # run order (most informative first; the wall-clock on a shared 2-core machine is ~6x the CPU time)
 ORDER = ["A/dense lr1e-3", "A/dense lr2e-3", "A/dense lr5e-4", "A/monarch picker", "A/monarch sq b8",
          "A/dense seed1", "A/monarch sq b8 seed1", "A/monarch picker cap1", "A/monarch sq b8 uniform",
-         "A/monarch sq b16", "A/blockdiag b4", "A/blockdiag picker", "A/lowrank", "A/monarch sq b8 cap2",
+         "A/monarch sq b16", "A/blockdiag b4", "A/blockdiag picker", "A/lowrank", "A/monarch sq b8 cap1", "A/blockdiag b4 cap1", "A/lowrank cap1",
+         "A/monarch sq b8 cap2",
          "A/monarch sq b4", "A/monarch sq b32", "A/monarch square slices b8",
          "A/monarch sq b8 mlp only", "A/monarch sq b8 attn only", "A/lowrank attn + monarch mlp",
          "B/dense lr1e-3", "B/dense lr2e-3", "B/dense lr5e-4", "B/monarch picker", "B/monarch sq rule",
@@ -457,7 +461,7 @@ def apply_init(model: nn.Module, arm: Arm) -> None:
     names = target_names_all(model)
     if "cbs" in modes:  # Compute Better Spent: std = 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in))
         with torch.no_grad():
-            for n, m in names:
+            for _n, m in names:
                 for pn, p in m.named_parameters():
                     if pn.endswith("bias"):
                         continue

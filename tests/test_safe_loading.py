@@ -35,10 +35,10 @@ from torch import nn
 
 import deftly
 from deftly import distributed as ddist
-
-safetensors = pytest.importorskip("safetensors")
 from deftly.io import persist
 from deftly.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+safetensors = pytest.importorskip("safetensors")
 
 IN, OUT = 12, 20
 CASES = [pytest.param(n, deftly.get(n).examples(IN, OUT)[0], id=n) for n in deftly.structures()]

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation", choices=["sensitivity", "uniform"], default=None,
                    help="per-layer budgets by sensitivity with the same total (default), or every layer at "
                         "--budget")
+    p.add_argument("--projection", choices=["sequential", "independent"], default=None,
+                   help="sequential (default): each layer fitted to the teacher's output from its inputs in the "
+                        "partly compressed student; independent: each on the teacher's inputs")
     p.add_argument("--calibration-sentences", type=int, default=None,
                    help="Wikipedia sentences for the activation-aware projection (default 1024)")
     p.add_argument("--sensitivity-sentences", type=int, default=None,
@@ -42,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run the teacher under bfloat16 autocast during distillation (default on)")
     p.add_argument("--train-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="train the word embeddings too (default off: frozen, more steps per minute)")
+    p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the model's dropout in the student while distilling (default off)")
     p.add_argument("--attention-budget", type=float, default=None,
                    help="budget of the attention linears (query/key/value/output) instead of --budget")
     p.add_argument("--ffn-budget", type=float, default=None,
@@ -79,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
     check_counts("deftly compress minilm", ("calibration_sentences", "sensitivity_sentences"),
                  calibration_sentences=args.calibration_sentences, sensitivity_sentences=args.sensitivity_sentences)
     # options left unset keep MiniLMConfig's defaults (one place for them)
-    given = {k: getattr(args, k) for k in ("lr", "hidden_weight", "group_by_length", "allocation",
+    given = {k: getattr(args, k) for k in ("lr", "hidden_weight", "group_by_length", "allocation", "projection",
                                            "calibration_sentences", "sensitivity_sentences", "review_fraction",
-                                           "teacher_bf16", "train_word_embeddings") if getattr(args, k) is not None}
+                                           "teacher_bf16", "train_word_embeddings", "dropout")
+             if getattr(args, k) is not None}
     cfg = MiniLMConfig(structure=args.structure, budget=args.budget, minutes=args.minutes,
                        batch_size=args.batch_size, max_length=args.max_length, max_steps=args.max_steps,
                        eval_sentences=args.eval_sentences, probe_limit=args.probe_limit, seed=args.seed,

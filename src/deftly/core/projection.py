@@ -212,7 +212,7 @@ def fit_(layer: StructuredLinear, weight: Tensor, calibration: Calibration | Non
     with torch.no_grad():
         for p in work.parameters():
             p.data = p.data.to(torch.complex128 if p.is_complex() else torch.float64)
-        for name, b in work.named_buffers():
+        for _name, b in work.named_buffers():
             if b.is_floating_point() or b.is_complex():
                 b.data = b.data.to(torch.complex128 if b.is_complex() else torch.float64)
     if not from_current:
@@ -302,7 +302,7 @@ def _snapshot(layer: StructuredLinear) -> list[Tensor]:
 
 
 def _restore(layer: StructuredLinear, state: list[Tensor]) -> None:
-    for (n, p), v in zip([(n, p) for n, p in layer.named_parameters() if n != "bias"], state):
+    for (_n, p), v in zip([(n, p) for n, p in layer.named_parameters() if n != "bias"], state):
         set_param_(p, v)
 
 

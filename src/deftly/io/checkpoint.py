@@ -56,7 +56,7 @@ def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
         if all(isinstance(k, str) for k in obj) and not ({_TENSOR, _TUPLE, _ITEMS, _FLOAT} & set(obj)):
             return {k: _encode(v, f"{key}/{k}" if key else k, tensors) for k, v in obj.items()}
         items = []
-        for i, (k, v) in enumerate(obj.items()):
+        for _i, (k, v) in enumerate(obj.items()):
             if not (k is None or isinstance(k, (bool, int, float, str))):
                 raise TypeError(f"save_checkpoint: dict key {k!r} at {key or '<root>'} has type "
                                 f"{type(k).__name__}; use str/int/float/bool keys")

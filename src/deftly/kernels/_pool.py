@@ -76,7 +76,7 @@ def _trim() -> None:
 def clear() -> None:
     """Drop every idle buffer (buffers still in use are kept until they are released)."""
     with _LOCK:
-        for key, bufs in list(_BUFS.items()):
+        for _key, bufs in list(_BUFS.items()):
             for k in [k for k, t in bufs.items() if _free(t)]:
                 del bufs[k]
 

@@ -4,7 +4,7 @@ convolution replaces: ``(batch, T, d) -> (batch, T, d)``, ``O(T^2 d)`` time, by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -44,8 +44,8 @@ class Attention(nn.Module):
         self.proj = make(d, d)
 
     def reset_parameters(self) -> None:
-        self.qkv.reset_parameters()
-        self.proj.reset_parameters()
+        cast(Any, self.qkv).reset_parameters()  # nn.Linear or a structured layer
+        cast(Any, self.proj).reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(batch, T, d) -> (batch, T, d)``."""

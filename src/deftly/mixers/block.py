@@ -7,7 +7,7 @@ are any registered structure (Monarch by default) — and the registry of sequen
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -70,7 +70,7 @@ class MixerBlock(nn.Module):
 
     def reset_parameters(self) -> None:
         for m in (self.ln1, self.mixer, self.ln2, self.fc1, self.fc2):
-            m.reset_parameters()
+            cast(Any, m).reset_parameters()  # every part defines reset_parameters
 
     def forward(self, x: Tensor) -> Tensor:
         check_sequence("MixerBlock", x, self.d, self.max_len)

@@ -20,6 +20,7 @@ meta-device construction, ``to_empty`` and ``load_state_dict`` need nothing else
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -153,7 +154,7 @@ class ImplicitFilter(nn.Module):
         """Default ``nn.Linear`` init, then the output layer scaled so that the filters at ``max_len`` have
         mean energy ``mean_c sum_s h[c, s]^2 = 1`` (variance-preserving convolution at init)."""
         for m in self.mlp:
-            m.reset_parameters()
+            cast(Any, m).reset_parameters()  # the MLP's Linear layers (nn.Sequential items)
         self.out.reset_parameters()
         with torch.no_grad():
             h = self.forward(self.max_len)

@@ -22,7 +22,7 @@ attention's ``O(T^2 d)``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -199,7 +199,7 @@ class MonarchMixer(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise every parameter (projections, short conv, filter, skip)."""
         for m in (self.in_proj, self.out_proj, self.filter):
-            m.reset_parameters()
+            cast(Any, m).reset_parameters()  # every part defines reset_parameters
         self._reset_own()
 
     def filters(self, T: int) -> tuple[Tensor, Tensor | None]:

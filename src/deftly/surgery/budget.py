@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..core.base import StructuredLinear
 from ..core.registry import get
 
@@ -39,7 +41,7 @@ def _admissible(structure: str, in_f: int, out_f: int, limit: float | None, kind
         seen.add(key)
         try:
             n = _count(cls, in_f, out_f, hp, kind, bias)
-        except (TypeError, ValueError) as err:
+        except (ArithmeticError, TypeError, ValueError) as err:
             if errors is not None:
                 errors.append(err)
             continue
@@ -60,7 +62,8 @@ def _construct_error(structure: str, in_f: int, out_f: int, hp: dict, bias: bool
 
 
 def _fixed_invalid(structure: str, where: str, fixed: dict, err: Exception) -> Exception:
-    return type(err)(f"{where}: the fixed hyperparameters {fixed} do not fit this layer: {err}")
+    kind = type(err) if isinstance(err, (TypeError, ValueError)) else ValueError  # e.g. nblocks=0 divides by 0
+    return kind(f"{where}: the fixed hyperparameters {fixed} do not fit this layer: {err}")
 
 
 def _valid_first(structure: str, in_f: int, out_f: int, cands: list[tuple[int, dict]],
@@ -120,7 +123,7 @@ def choose_hparams(structure: str, in_features: int, out_features: int, budget: 
             raise _fixed_invalid(structure, where, fixed, problem)
         try:
             n = _count(get(structure), in_features, out_features, fixed, kind, counted_bias)
-        except (TypeError, ValueError) as err:
+        except (ArithmeticError, TypeError, ValueError) as err:
             raise _fixed_invalid(structure, where, fixed, err) from None
         if n > limit:
             raise ValueError(f"{where}: the fixed {structure} hyperparameters {fixed} give {n:,} {kind} = "
@@ -160,7 +163,11 @@ def choose_hparams(structure: str, in_features: int, out_features: int, budget: 
     cls = get(structure)
 
     def rank_key(n: int, hp: dict) -> tuple[float, int]:
-        return round(float(cls.shape_score(in_features, out_features, **hp)), 9), -n
+        try:
+            score = float(cls.shape_score(in_features, out_features, **hp))
+        except (ArithmeticError, TypeError, ValueError):  # invalid fixed values: ranked last, refused later
+            score = math.inf
+        return round(score, 9), -n
 
     best = min(rank_key(n, hp) for n, hp in near)
     ties = [hp for n, hp in near if rank_key(n, hp) == best]  # in the structure's candidate order

@@ -182,7 +182,7 @@ def _hull(curve: list[tuple[int, float, Any]], weight: float) -> list[int]:
     """Indices of the lower convex hull of ``(count, weight x error)`` from the cheapest point, keeping only
     points that lower the error (later points that do not are dominated)."""
     pts = []
-    for i, (n, e, _) in enumerate(curve):
+    for i, (_n, e, _) in enumerate(curve):
         if pts and weight * e >= weight * curve[pts[-1]][1] and weight > 0:
             continue
         pts.append(i)

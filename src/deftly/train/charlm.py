@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import distributed as ddist
+from ..core.base import StructuredLinear
 from ..data import wikipedia
 from ..surgery.budget import BudgetError
 from .common import (
@@ -158,7 +159,7 @@ class GPT(nn.Module):
                 self.pos.weight.normal_(0, 0.02)
 
     def linear_layers(self) -> list[nn.Module]:
-        return [m for b in self.blocks for m in (*b.seq_linears(), b.fc1, b.fc2)]
+        return [m for b in cast(list[Block], list(self.blocks)) for m in (*b.seq_linears(), b.fc1, b.fc2)]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
@@ -368,7 +369,8 @@ def run(cfg: CharLMConfig, out_dir: str | Path = "runs/charlm", resume: bool = F
                         checkpoint_path=sub / "checkpoint.safetensors", resume=resume, strategy=strategy,
                         exclude_from_mup=(model.head,))
             hist = [{**h, "median_time": h["step"] * step_time[name]} for h in res.history]
-            row = {"structure": name, **stats, "hparams": model.blocks[0].fc1.hparams(),
+            fc1 = cast(Block, model.blocks[0]).fc1
+            row = {"structure": name, **stats, "hparams": fc1.hparams() if isinstance(fc1, StructuredLinear) else {},
                    "linear_params": stats["hidden_params"], "linear_fraction": stats["hidden_fraction"],
                    "flops": forward_flops(model, windows[:1, :-1]) // cfg.ctx, "step_ms": 1000 * step_time[name], "steps": res.step,
                    "train_time": res.train_time, "history": hist,

@@ -7,9 +7,12 @@ distillation from the dense teacher.
    each layer its share by sensitivity (:func:`deftly.surgery.sensitivity.allocate_budgets`: the change of
    the sentence embeddings when that layer alone is projected, per unit of its output error; a layer
    whose share reaches its dense size stays dense); ``"uniform"`` gives every layer ``budget``. Each
-   layer is initialised by projecting the pretrained weight with :func:`deftly.structurize` —
-   activation-aware (truncation-aware whitening), calibrated on unpadded Wikipedia sentences — so the
-   student starts as close to the teacher as the structure allows.
+   layer is initialised by an activation-aware projection (truncation-aware whitening) calibrated on
+   unpadded Wikipedia sentences: ``projection="sequential"`` (default,
+   :func:`deftly.surgery.sequential.structurize_sequential`) fits each layer, in model order, to the
+   teacher's output of that layer from the inputs it receives in the partly compressed student, so each
+   layer corrects part of the error before it; ``"independent"`` projects each on the teacher's inputs
+   (:func:`deftly.structurize`).
 3. Healing: the student is trained to reproduce the teacher's token states (MSE, last layer and, with
    ``hidden_weight``, every intermediate layer) and sentence embeddings (1 - cosine) for at most
    ``minutes`` of CPU time, through the resumable training loop (AdamW, structure-aware per-factor
@@ -112,6 +115,9 @@ class MiniLMConfig:
     # "sensitivity": per-layer budgets by sensitivity (same total); "uniform": every layer at ``budget``
     allocation: str = "sensitivity"
     sensitivity_sentences: int = 256  # the first N calibration sentences measure the sensitivities
+    # "sequential": each layer, in model order, is fitted to the teacher's layer output from the inputs it gets
+    # in the student (deftly.surgery.sequential); "independent": each on its own inputs in the teacher
+    projection: str = "sequential"
     probe_limit: int | None = None  # use the first N snippets of each split (tests)
     train_sentences: int | None = None
     max_steps: int | None = None  # cap on distillation steps (tests); default from minutes
@@ -133,6 +139,7 @@ class MiniLMConfig:
     review_fraction: float = 0.0  # share of batches drawn from review snippets that are not the probe's
     teacher_bf16: bool = True  # the teacher's forward under bfloat16 autocast (faster targets)
     train_word_embeddings: bool = False  # the (uncompressed) word embeddings are trained too
+    dropout: bool = False  # keep the model's dropout (p=0.1) in the student while distilling
 
     def __post_init__(self) -> None:
         if self.clock not in ("wall", "process"):
@@ -152,6 +159,9 @@ class MiniLMConfig:
         if self.allocation not in ("sensitivity", "uniform"):
             raise ValueError(f"allocation={self.allocation!r} must be 'sensitivity' (per-layer budgets by "
                              f"sensitivity) or 'uniform' (every layer at the budget)")
+        if self.projection not in ("sequential", "independent"):
+            raise ValueError(f"projection={self.projection!r} must be 'sequential' (each layer corrects the "
+                             f"errors before it) or 'independent' (each layer on the teacher's inputs)")
         if not 0 <= self.review_fraction <= 1:
             raise ValueError(f"review_fraction={self.review_fraction} must be in [0, 1], e.g. 0.5")
         for name in ("calibration_sentences", "sensitivity_sentences"):
@@ -252,10 +262,12 @@ COLUMNS = [("stage", "model"), ("structure", "structure"), ("linear_params", "en
            ("probe_acc", "probe acc"), ("probe_rel", "probe vs dense"), ("minutes", "distillation min")]
 
 
-def _surgery(student: nn.Module, cfg: MiniLMConfig, tok, cal_s: list[str], say) -> dict[str, Any]:
-    """Structurize the encoder linears (per-layer budgets by sensitivity or uniform), printing one line
-    per layer; returns the JSON-able surgery record."""
+def _surgery(student: nn.Module, teacher: nn.Module, cfg: MiniLMConfig, tok, cal_s: list[str], say
+             ) -> dict[str, Any]:
+    """Structurize the encoder linears (per-layer budgets by sensitivity or uniform; sequential or
+    independent projection), printing one line per layer; returns the JSON-able surgery record."""
     from deftly.surgery.sensitivity import allocate_budgets
+    from deftly.surgery.sequential import structurize_sequential
     from deftly.surgery.structurize import StructureConfig, structurize
 
     t0 = time.perf_counter()
@@ -267,7 +279,7 @@ def _surgery(student: nn.Module, cfg: MiniLMConfig, tok, cal_s: list[str], say) 
 
     scfg = StructureConfig(structure=cfg.structure, target_modules=ENCODER_LINEARS, budget=cfg.budget,
                            overrides=budget_overrides(cfg), calibration=calibrate, seed=cfg.seed)
-    record: dict[str, Any] = {"allocation": cfg.allocation}
+    record: dict[str, Any] = {"allocation": cfg.allocation, "projection": cfg.projection}
     if cfg.allocation == "sensitivity":
         measure_s = cal_s[:cfg.sensitivity_sentences]
         say(f"minilm: per-layer budgets by sensitivity ({len(measure_s)} sentences measure each layer)")
@@ -279,26 +291,22 @@ def _surgery(student: nn.Module, cfg: MiniLMConfig, tok, cal_s: list[str], say) 
         say(f"minilm: allocated {alloc.total:,} of {alloc.limit:,} weights ({alloc.total / alloc.dense_total:.4f} "
             f"of dense); {sum(la.hparams is None for la in alloc.layers)} layer(s) stay dense")
         scfg = alloc.apply(scfg)
-    # one transformer block at a time (a progress line per layer as each block is done); the calibration
-    # of a block runs through the blocks already structured, so each layer sees the inputs it will get
-    layers, n_blocks = [], len(student.encoder.layer)
-    for b in range(n_blocks):
-        names = [n for n, _ in student.named_modules() if re.fullmatch(ENCODER_LINEARS, n)
-                 and n.startswith(f"encoder.layer.{b}.")]
-        targets = [n for n in names if not (scfg.exclude_modules and re.fullmatch(scfg.exclude_modules, n))]
-        if not targets:
-            continue
-        over = {k: v for k, v in scfg.overrides.items() if any(re.fullmatch(k, n) for n in targets)}
-        bcfg = replace(scfg, target_modules=[re.escape(n) for n in targets], overrides=over, exclude_modules=None)
-        bcfg = replace(bcfg, target_modules="|".join(bcfg.target_modules))
-        tb = time.perf_counter()
-        report = structurize(student, bcfg)
-        for r in report.layers:
-            layers.append(r)
+    if cfg.projection == "sequential":  # stage by stage against the teacher, a line per layer
+        n_blocks = len(student.encoder.layer)
+        kept = (lambda n: bool(scfg.exclude_modules and re.fullmatch(scfg.exclude_modules, n)))
+        stages = [[f"encoder.layer.{b}.{part}" for part in group if not kept(f"encoder.layer.{b}.{part}")]
+                  for b in range(n_blocks) for group in (("attention.self.query", "attention.self.key",
+                                                          "attention.self.value"), ("attention.output.dense",),
+                                                         ("intermediate.dense",), ("output.dense",))]
+        report = structurize_sequential(student, replace(scfg, calibration=batches), teacher,
+                                        stages=[s for s in stages if s], progress=lambda line: say(f"minilm: {line}"))
+        layers = list(report.layers)
+    else:  # every layer on its own inputs in the teacher (one structurize call), then a line per layer
+        layers = list(structurize(student, scfg).layers)
+        for r in layers:
             hp = ", ".join(f"{k}={v}" for k, v in r.hparams.items())
-            say(f"minilm: block {b + 1}/{n_blocks} {r.name}: {r.structure} {hp}, {r.params_after:,} params, "
-                f"output error {r.output_error:.3f} (plain projection {r.plain_output_error:.3f})")
-        say(f"minilm: block {b + 1}/{n_blocks} done in {time.perf_counter() - tb:.1f} s")
+            say(f"minilm: {r.name}: {r.structure} {hp}, output error {r.output_error:.3f} (plain projection "
+                f"{r.plain_output_error:.3f})")
     record.update(layers=len(layers), seconds=time.perf_counter() - t0,
                   report=[{"name": r.name, "hparams": r.hparams, "params": r.params_after,
                            "output_error": r.output_error, "plain_output_error": r.plain_output_error}
@@ -343,6 +351,7 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
     teacher_eval = minilm_data.embed(teacher, tok, eval_s, max_length=cfg.max_length)
 
     def stage_row(stage: str, model: nn.Module, structure: str, minutes: float | None) -> dict[str, Any]:
+        model.eval()  # no dropout in the measurements (the training loop leaves the student in train mode)
         emb = minilm_data.embed(model, tok, eval_s, max_length=cfg.max_length)
         lin = _encoder_linear_params(model)
         return {"stage": stage, "structure": structure, "linear_params": lin,
@@ -354,7 +363,8 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
     cached = json.loads(rows_file.read_text()) if (resume and rows_file.exists()) else {}
     eval_key = {k: getattr(cfg, k) for k in ("eval_sentences", "probe_limit", "max_length", "seed")}
     proj_key = {**eval_key, **{k: getattr(cfg, k) for k in ("structure", "budget", "calibration_sentences",
-                                                             "allocation", "sensitivity_sentences")},
+                                                             "allocation", "sensitivity_sentences",
+                                                             "projection")},
                 "calibration": "unpadded"}
     if cfg.attention_budget is not None or cfg.ffn_budget is not None:
         proj_key.update(attention_budget=cfg.attention_budget, ffn_budget=cfg.ffn_budget)
@@ -382,7 +392,7 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
         load_structured(student, projected_dir)
         say(f"minilm: reusing the projected student in {projected_dir}")
     else:
-        surgery = _surgery(student, cfg, tok, cal_s, say)
+        surgery = _surgery(student, teacher, cfg, tok, cal_s, say)
         cached["projected"] = stage_row(f"{cfg.structure} projected", student, cfg.structure, 0.0)
         cached["surgery"] = surgery
         save_structured(student, projected_dir)
@@ -390,6 +400,10 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
     surgery_s = surgery["seconds"]
     if not cfg.train_word_embeddings and hasattr(student, "embeddings"):
         student.embeddings.word_embeddings.weight.requires_grad_(False)
+    if not cfg.dropout:  # the student matches the teacher's function: no dropout noise while distilling
+        for m in student.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
 
     # ---------------------------------------------------------------- healing by distillation
     pools = [train_s] + ([review_s] if review_s else [])
@@ -469,13 +483,16 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
                                         f"({cfg.review_fraction:.0%} of batches, {len(review_s):,} snippets)"
                                         if review_s else "")
     notes = [(f"all-MiniLM-L6-v2 (real weights); {surgery['layers']} encoder linear layers -> {cfg.structure} at "
-              f"<= {cfg.budget:.0%} of their dense weights in total{kinds}, {alloc_text}; projected with "
-              f"activation-aware calibration ({len(cal_s)} unpadded sentences), surgery {surgery_s:.1f} s."),
+              f"<= {cfg.budget:.0%} of their dense weights in total{kinds}, {alloc_text}; projected "
+              + ("sequentially (each layer fitted to the teacher's output from its inputs in the student) "
+                 if surgery.get("projection", "independent") == "sequential" else "independently ")
+              + f"with activation-aware calibration ({len(cal_s)} unpadded sentences), surgery {surgery_s:.1f} s."),
              (f"healing: {res.step} distillation steps ({res.train_time / 60:.1f} min of training), batch "
               f"{cfg.batch_size} {text_src} (<= {cfg.max_length} tokens"
               + (", grouped by length" if cfg.group_by_length else "") + f") from {len(train_s):,} sentences; "
               f"loss = {loss_text}; teacher in {'bfloat16' if cfg.teacher_bf16 else 'float32'}, word embeddings "
-              f"{'trained' if cfg.train_word_embeddings else 'frozen'}; AdamW lr {cfg.lr}, cosine schedule to "
+              f"{'trained' if cfg.train_word_embeddings else 'frozen'}, student dropout "
+              f"{'on' if cfg.dropout else 'off'}; AdamW lr {cfg.lr}, cosine schedule to "
               f"{cfg.min_lr_ratio:g} x lr; time limit {cfg.minutes} min of "
               + ("wall-clock time." if cfg.clock == "wall" else "CPU time of this process (time.process_time).")),
              (f"cosine: mean over {len(eval_s)} held-out Wikipedia sentences; probe: logistic regression "
@@ -491,4 +508,4 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
               "budgets": surgery.get("budgets")}
     write_run(out, recipe="compress-minilm", config=config, rows=rows, columns=COLUMNS, notes=notes, plots=plots,
               command=command, extra={"losses": res.losses[:: max(1, len(res.losses) // 200)]})
-    return {"rows": rows, "notes": notes, "out_dir": str(out), "student_dir": str(student_dir)}
+    return {"rows": rows, "notes": notes, "out_dir": str(out), "student_dir": str(student_dir), "model": student}
