@@ -194,8 +194,10 @@ def test_minilm_recipe_end_to_end(tmp_path):
     _need_minilm()
     from deftly.train.minilm import MiniLMConfig, run
 
+    # uniform budgets: the sensitivity allocation has its own tests (tests/test_minilm_sensitivity.py)
     cfg = MiniLMConfig(structure="blockdiag", budget=0.25, max_steps=2, batch_size=4, max_length=16,
-                       eval_sentences=16, calibration_sentences=8, probe_limit=60, train_sentences=32)
+                       eval_sentences=16, calibration_sentences=8, probe_limit=60, train_sentences=32,
+                       allocation="uniform")
     run(cfg, tmp_path / "ml", progress=False)
     data = _check_run_dir(tmp_path / "ml", 3)
     teacher, projected, healed = data["rows"]

@@ -181,7 +181,7 @@ def error_curve(structure: str, weight: Tensor, cal: Any, *, kind: str = "params
 def _hull(curve: list[tuple[int, float, Any]], weight: float) -> list[int]:
     """Indices of the lower convex hull of ``(count, weight x error)`` from the cheapest point, keeping only
     points that lower the error (later points that do not are dominated)."""
-    pts = []
+    pts: list[int] = []
     for i, (_n, e, _) in enumerate(curve):
         if pts and weight * e >= weight * curve[pts[-1]][1] and weight > 0:
             continue
@@ -298,6 +298,7 @@ def allocate_budgets(model: nn.Module, config: StructureConfig, calibration: Any
             bias = getattr(p.module, "bias", None) is not None
             cal = cals.get(p.name)
             dense = dense_count(in_f, out_f, kind, False)
+            assert p.budget is not None  # allocate_budgets refuses configs without a budget up front
             limit += p.budget * dense
             curve = error_curve(p.structure, W, cal, kind=kind, bias=bias, fixed=p.fixed, reference=p.budget)
             hp_ref = choose_hparams(p.structure, in_f, out_f, p.budget, kind=kind, bias=bias, fixed=p.fixed,

@@ -70,7 +70,7 @@ def _run(model: nn.Module, item: Any) -> None:
         pass
 
 
-def _moments(reference: nn.Module, model: nn.Module, names: list[str], items: list[Any]
+def _moments(reference: nn.Module, model: nn.Module, names: Sequence[str], items: list[Any]
              ) -> dict[str, list[Any]]:
     """``{name: [rows, C_ss, C_ts, C_tt]}`` (sums) for the stage's layers, reference and model run on the
     same items; each forward stops once all the stage's layers have run (dict and tensor items)."""

@@ -37,7 +37,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -292,8 +292,12 @@ def _surgery(student: nn.Module, teacher: nn.Module, cfg: MiniLMConfig, tok, cal
             f"of dense); {sum(la.hparams is None for la in alloc.layers)} layer(s) stay dense")
         scfg = alloc.apply(scfg)
     if cfg.projection == "sequential":  # stage by stage against the teacher, a line per layer
-        n_blocks = len(student.encoder.layer)
-        kept = (lambda n: bool(scfg.exclude_modules and re.fullmatch(scfg.exclude_modules, n)))
+        n_blocks = len(cast(Any, student).encoder.layer)  # a Hugging Face BertModel
+        excl = scfg.exclude_modules
+        def kept(n: str) -> bool:  # excluded by the config: a regex, or names / name suffixes
+            if isinstance(excl, str):
+                return re.fullmatch(excl, n) is not None
+            return any(n == e or n.endswith("." + e) for e in (excl or ()))
         stages = [[f"encoder.layer.{b}.{part}" for part in group if not kept(f"encoder.layer.{b}.{part}")]
                   for b in range(n_blocks) for group in (("attention.self.query", "attention.self.key",
                                                           "attention.self.value"), ("attention.output.dense",),
