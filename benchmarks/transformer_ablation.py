@@ -349,6 +349,10 @@ def grid() -> list[Arm]:
         # --- multipliers: caps / square root on the square shape
         Arm("A/monarch sq b8 cap2", shapes=b8, lr_mode="cap2", **M),
         Arm("A/monarch sq b8 cap1", shapes=b8, lr_mode="cap1", **M),
+        Arm("A/monarch sq b8 cap4", shapes=b8, lr_mode="cap4", **M),
+        Arm("A/monarch picker cap2", lr_mode="cap2", **M),
+        Arm("A/lowrank cap2", structure="lowrank", shapes="rule:lowrank", lr_mode="cap2", steps=S),
+        Arm("A/blockdiag b4 cap2", structure="blockdiag", shapes="rule:blockdiag", lr_mode="cap2", steps=S),
         Arm("A/blockdiag b4 cap1", structure="blockdiag", shapes="rule:blockdiag", lr_mode="cap1", steps=S),
         Arm("A/lowrank cap1", structure="lowrank", shapes="rule:lowrank", lr_mode="cap1", steps=S),
         Arm("A/monarch sq b8 sqrt", shapes=b8, lr_mode="sqrt", **M),
@@ -403,8 +407,10 @@ ORDER = ["A/dense lr1e-3", "A/dense lr2e-3", "A/dense lr5e-4", "A/monarch picker
          "A/dense seed1", "A/monarch sq b8 seed1", "A/monarch picker cap1", "A/monarch sq b8 uniform",
          "A/monarch sq b16", "A/blockdiag b4", "A/blockdiag picker", "A/lowrank", "A/monarch sq b8 cap1", "A/blockdiag b4 cap1", "A/lowrank cap1",
          "A/monarch sq b8 cap2",
-         "A/monarch sq b4", "A/monarch sq b32", "A/monarch square slices b8",
+         "A/monarch sq b4", "A/monarch sq b8 cap4", "A/monarch picker cap2", "A/monarch sq b32",
+         "A/monarch square slices b8",
          "A/monarch sq b8 mlp only", "A/monarch sq b8 attn only", "A/lowrank attn + monarch mlp",
+         "A/lowrank cap2",
          "B/dense lr1e-3", "B/dense lr2e-3", "B/dense lr5e-4", "B/monarch picker", "B/monarch sq rule",
          "B/blockdiag rule", "B/lowrank",
          "A/monarch sq b8 cbs-init", "A/dense cbs-init", "A/monarch sq b8 zero-last", "A/dense zero-last"]

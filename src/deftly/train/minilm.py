@@ -37,7 +37,8 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
+from typing import cast as as_type
 
 import numpy as np
 import torch
@@ -292,7 +293,7 @@ def _surgery(student: nn.Module, teacher: nn.Module, cfg: MiniLMConfig, tok, cal
             f"of dense); {sum(la.hparams is None for la in alloc.layers)} layer(s) stay dense")
         scfg = alloc.apply(scfg)
     if cfg.projection == "sequential":  # stage by stage against the teacher, a line per layer
-        n_blocks = len(cast(Any, student).encoder.layer)  # a Hugging Face BertModel
+        n_blocks = len(as_type(Any, student).encoder.layer)  # a Hugging Face BertModel
         excl = scfg.exclude_modules
         def kept(n: str) -> bool:  # excluded by the config: a regex, or names / name suffixes
             if isinstance(excl, str):
