@@ -275,7 +275,7 @@ def measure(args) -> dict:
             rs = runs[it] or [first[it]]
             fwd = sorted(r[0] for r in rs)[len(rs) // 2]
             fb = sorted(r[1] for r in rs)[len(rs) // 2]
-            times[it][T] = {"fwd_s": fwd, "fwdbwd_s": fb, "runs": len(rs), "warmed_up": bool(runs[it]),
+            times[it][T] = {"fwd_s": fwd, "fwdbwd_s": fb, "runs": len(rs), "warmed_up": bool(runs[it]) or it != "sdpa",
                             "batch": max(1, args.tokens // T)}
             if it == "sdpa":
                 prev_sdpa = (T, fb)
@@ -347,8 +347,11 @@ def write_report(args, data: dict) -> str:
                               f"changes, relative)" for p, c in ex["causality"].items()), ""]
     lines += ["## Time and peak memory", "",
               ("Median seconds per call (fwd: forward with autograd graph; f+b: forward + backward); "
-              "`x sdpa`: sdpa's time / this item's (fwd+bwd); peak MiB: additional resident memory of one "
-              "forward+backward in a fresh process."), "",
+               "`x sdpa`: sdpa's time / this item's (fwd+bwd); peak MiB: additional resident memory of one "
+               "forward+backward in a fresh process (mixers: in steady state after one warm-up step; sdpa: "
+               "after a small warm-up problem). runs: timed calls after the warm-up (the mixers always get "
+               f"two warm-up calls); a call longer than {LONG_S:g} s is measured once (for the mixers its "
+               "second, warm call; for sdpa its first call: `first call`)."), "",
               "| T | batch | item | fwd s | f+b s | x sdpa (f+b) | peak MiB (fwd / f+b) | runs |",
               "|---|---|---|---|---|---|---|---|"]
     for T in args.lengths:
@@ -366,7 +369,7 @@ def write_report(args, data: dict) -> str:
             ratio = sd.get("fwdbwd_s") / v["fwdbwd_s"] if sd.get("fwdbwd_s") and it != "sdpa" else None
             lines.append(f"| {T} | {v['batch']} | {it} | {v['fwd_s']:.3f} | {v['fwdbwd_s']:.3f} | "
                          f"{_fmt(ratio, '.2f') + 'x' if ratio else '-'} | {mstr} | {v['runs']}"
-                         f"{'' if v['warmed_up'] else ' (cold)'} |")
+                         f"{'' if v['warmed_up'] else ' (first call)'} |")
     lines += ["", f"## Fitted exponents (log-log least squares over T = {args.fit_range[0]}..{args.fit_range[1]})", "",
               ("At constant tokens per batch, time ~ T^b: b ~ 0 for an O(T log T) mixer (per-token cost "
               "~ log T), b ~ 1 for attention. Per sequence (fixed batch), time ~ T^(b+1): the target "
@@ -548,6 +551,8 @@ def parse(argv=None):
     ap.add_argument("--charlm", nargs=2, metavar=("ATTENTION_RUN", "MIXER_RUN"),
                     help="instead of timing: compare two `deftly train charlm` run directories (--mixer attention "
                          "and --mixer monarch-mixer) and write <out>.charlm.{md,json}")
+    ap.add_argument("--rewrite", action="store_true",
+                    help="rewrite <out>.md and <out>.png from <out>.json (no measurement)")
     ap.add_argument("--probe", nargs=2, metavar=("ITEM", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -572,6 +577,17 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.charlm:
         print(charlm_compare(args.charlm[0], args.charlm[1], args.out))
+        return 0
+    if args.rewrite:
+        data = json.loads(Path(args.out + ".json").read_text())
+        m = data["meta"]
+        args.d, args.heads, args.tokens, args.lengths = m["d"], m["heads"], m["tokens"], m["lengths"]
+        args.fit_range = tuple(m.get("fit_range", args.fit_range))
+        data["times"] = {it: {int(T): v for T, v in d.items()} for it, d in data["times"].items()}
+        data["summary"] = summarize(args, {"times": data["times"]}, data["memory"])
+        Path(args.out + ".json").write_text(json.dumps(data, indent=1, default=str))
+        print(write_report(args, data))
+        plot(args, data)
         return 0
     if args.probe:
         torch.set_num_threads(int(args.threads))
@@ -611,7 +627,8 @@ def main(argv=None) -> int:
                      "cpu": platform.processor() or platform.machine(), "threads": args.threads_used,
                      "allocator": allocator(), "load_start": load0, "load_end": load_average(),
                      "wall_s": time.perf_counter() - t0, "d": args.d, "heads": args.heads, "tokens": args.tokens,
-                     "lengths": args.lengths},
+                     "lengths": args.lengths, "fit_range": list(args.fit_range), "rounds": args.rounds,
+                     "long_s": LONG_S},
             "exactness": ex, "times": res["times"], "memory": memory, "notes": res["notes"]}
     data["summary"] = summarize(args, res, memory)
     Path(args.out + ".json").write_text(json.dumps(data, indent=1, default=str))
