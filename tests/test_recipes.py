@@ -215,7 +215,7 @@ def test_minilm_recipe_options_and_resume_reuses_the_projection(tmp_path, capsys
     cfg = MiniLMConfig(structure="lowrank", budget=0.25, attention_budget=0.2, ffn_budget=0.3, hidden_weight=1.0,
                        cosine_weight=5.0, group_by_length=True, min_lr_ratio=0.5, max_steps=2, batch_size=4,
                        max_length=16, eval_sentences=16, calibration_sentences=8, probe_limit=60,
-                       train_sentences=32)
+                       train_sentences=32, allocation="uniform")  # sensitivity: tests/test_minilm_sensitivity.py
     run(cfg, tmp_path / "ml", progress=False)
     first = _check_run_dir(tmp_path / "ml", 3)
     assert (tmp_path / "ml" / "projected").is_dir()
