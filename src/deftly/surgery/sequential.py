@@ -17,7 +17,8 @@ the truncation of ``A C_ss^{1/2}`` (the truncation-aware whitening of SVD-LLM, a
 weight). Since ``||X_t W^T - X_s S^T||^2 = ||X_t W^T - X_s A^T||^2 + ||(A - S) C_ss^{1/2}||^2`` (the
 residual of the least-squares fit is orthogonal), this minimises the layer's output error against the
 reference among the structure's matrices (exactly for closed-form structures), and each layer corrects
-part of what the layers before it lost. The bias is kept.
+part of what the layers before it lost. The bias is kept. When the uncorrected projection of ``W`` is
+better on the calibration data (no upstream error, where the ridge only shrinks), it is kept instead.
 
 Each layer's report gives ``output_error`` = ``||X_t W^T - X_s S^T|| / ||X_t W^T||`` (relative, on the
 calibration tokens) and ``plain_output_error``: the same for the projection of ``W`` itself on ``C_ss``
@@ -211,6 +212,11 @@ def structurize_sequential(model: nn.Module, config: StructureConfig, reference:
             S = layer.to_dense().detach().to(torch.float64)
             err = _rel_error(W, S, css, cts, ctt)
             plain_err = _rel_error(W, plain.to_dense().detach().to(torch.float64), css, cts, ctt)
+            method = f"sequential+{res.method}"
+            if plain_err < err:  # e.g. no upstream error and the ridge only shrinks: keep the uncorrected one
+                res = project_layer_(layer, W.to(w_ref.device), b, calibration=cal, seed=config.seed,
+                                     steps=config.steps)
+                err, method = plain_err, f"sequential (uncorrected)+{res.method}"
             layer.train(p.module.training)
             record_origin(layer, p.module)  # densify restores a Conv1D as a Conv1D
             set_module(model, name, layer)
@@ -220,7 +226,7 @@ def structurize_sequential(model: nn.Module, config: StructureConfig, reference:
                 params_before=dense_count(in_f, out_f, "params", bias), params_after=layer.num_params(),
                 flops_before=dense_count(in_f, out_f, "flops"), flops_after=layer.flops(),
                 error=res.weight_error, output_error=err, plain_output_error=plain_err,
-                method=f"sequential+{res.method}", seconds=time.perf_counter() - t0))
+                method=method, seconds=time.perf_counter() - t0))
             if progress is not None:
                 hps = ", ".join(f"{k}={v}" for k, v in layer.hparams().items())
                 progress(f"sequential {len(reports)}/{len(order)} {name}: {p.structure} {hps}, output error vs "

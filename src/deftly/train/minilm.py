@@ -465,6 +465,7 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
                        max_time=cfg.minutes * 60, progress=progress, label=f"minilm distil {cfg.structure}",
                        grad_clip=1.0, clock=cfg.clock)
     emb_modules = (student.embeddings,) if hasattr(student, "embeddings") else ()
+    student.train()  # the per-factor rates are measured in training mode (the stage rows left it in eval)
     res = train(student, batch_of, loss_fn, tcfg, checkpoint_path=out / "student.safetensors", resume=resume,
                 exclude_from_mup=tuple(m for m in emb_modules))
     student_dir = save_structured(student, out / "student")
