@@ -170,7 +170,10 @@ def test_errors():
 def _cli(capsys, *args) -> tuple[int, str, str]:
     from deftly.cli import main
 
-    code = main(["plan", *args])
+    try:
+        code = main(["plan", *args])
+    except SystemExit as exit_:  # argparse's own errors (bad option values)
+        code = int(exit_.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -202,3 +205,139 @@ def test_cli(tmp_path, capsys):
         assert code == 2, (args, out, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("deftly plan: error:") and want in lines[0], err
+
+
+# ------------------------------------------------------------------------------------------ speed-up
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _speed_model():
+    """Two blocks (kinds ``up`` 128 x 64 and ``down`` 64 x 128, two layers each) and a dense head."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(_Block(), _Block(), torch.nn.Linear(64, 10))
+
+
+_SPEED_CFG = dict(structure="monarch", budget=0.5, exclude_modules=["2"])
+
+
+def _cache_file(tmp_path):
+    return tmp_path / "latency.json"
+
+
+def test_speedup_from_known_cached_timings(monkeypatch, tmp_path):
+    """Timings written into the cache by hand: the per-kind and total speed-ups are the ratios of those
+    numbers (dense head on both sides), nothing is measured (measure=False), and a missing timing is
+    reported as not timed rather than guessed."""
+    from deftly.surgery import latency
+
+    monkeypatch.setenv("DEFTLY_CACHE", str(tmp_path))
+    model, cfg, speed = _speed_model(), deftly.StructureConfig(**_SPEED_CFG), latency.Latency(rows=16)
+    plain = deftly.plan(model, cfg)
+    hp = {n.rsplit(".", 1)[-1]: m.hparams() for n, m in structured_modules(plain.model)}
+    assert set(hp) == {"up", "down"}
+    # [structured seconds, dense seconds] of one call at 16 rows: up 2 vs 5, down 3 vs 4, head (dense) 6
+    mine = {latency._key("monarch", 64, 128, hp["up"], speed): [2.0, 5.0],
+            latency._key("monarch", 128, 64, hp["down"], speed): [3.0, 4.0],
+            latency._key("dense", 64, 10, {}, speed): [9.0, 6.0]}
+    _cache_file(tmp_path).write_text(json.dumps({latency._machine(): mine}))
+    p = deftly.plan(model, cfg, speed=speed, measure=False)
+    up, down, head = _row(p, "up"), _row(p, "down"), _row(p, "2")
+    assert (up.dense_seconds, up.planned_seconds, up.speedup) == (10.0, 4.0, 2.5)
+    assert (down.dense_seconds, down.planned_seconds, down.speedup) == (8.0, 6.0, 8.0 / 6.0)
+    assert (head.dense_seconds, head.planned_seconds, head.speedup) == (6.0, 6.0, 1.0)
+    assert (p.dense_seconds, p.planned_seconds, p.speedup) == (24.0, 16.0, 1.5)
+    assert json.loads(_cache_file(tmp_path).read_text()) == {latency._machine(): mine}  # nothing measured
+    text, md, d = str(p), p.to_markdown(), p.to_dict()
+    assert "speed-up (linear, 16 rows)" in text and "measured on this machine" in text
+    assert "not a prediction for other hardware" in p.title()
+    assert "| speed-up (linear, 16 rows) |" in md and "| **1.50x** |" in md and "| 2.50x |" in md
+    assert d["totals"]["speedup"] == 1.5 and d["speed"]["rows"] == 16
+    assert [r["speedup"] for r in d["rows"]] == [2.5, 8.0 / 6.0, 1.0, None]
+    json.dumps(d)
+    # a missing timing (the head's), not measured: that row and the total are "not timed"
+    del mine[latency._key("dense", 64, 10, {}, speed)]
+    _cache_file(tmp_path).write_text(json.dumps({latency._machine(): mine}))
+    q = deftly.plan(model, cfg, speed=speed, measure=False)
+    assert _row(q, "up").speedup == 2.5 and _row(q, "2").speedup is None and q.speedup is None
+    assert "not timed" in str(q)
+    # without speed: the output is as before (no column, no keys)
+    assert "speed-up" not in str(plain) + plain.to_markdown()
+    assert "speed" not in plain.to_dict() and "dense_seconds" not in plain.to_dict()["rows"][0]
+    with pytest.raises(TypeError, match="speed must be"):
+        deftly.plan(model, cfg, speed=16)
+
+
+def test_speedup_measured_fills_the_cache(monkeypatch, tmp_path):
+    """A real measurement (tiny shapes, short timing): every layer shape is timed once and cached, the
+    figures are the ratios of the cached numbers, and a second plan reads them back without measuring."""
+    from deftly.surgery import latency
+
+    monkeypatch.setenv("DEFTLY_CACHE", str(tmp_path))
+    model, cfg = _speed_model(), deftly.StructureConfig(**_SPEED_CFG)
+    speed = latency.Latency(rows=8, seconds=0.01)
+    p = deftly.plan(model, cfg, speed=speed)
+    mine = json.loads(_cache_file(tmp_path).read_text())[latency._machine()]
+    hp = {n.rsplit(".", 1)[-1]: m.hparams() for n, m in structured_modules(p.model)}
+    keys = {"up": latency._key("monarch", 64, 128, hp["up"], speed),
+            "down": latency._key("monarch", 128, 64, hp["down"], speed),
+            "2": latency._key("dense", 64, 10, {}, speed)}
+    assert set(mine) == set(keys.values())
+    assert all(t > 0 and td > 0 for t, td in mine.values())
+    for kind, key in keys.items():
+        t, td = mine[key]
+        n = _row(p, kind).layers
+        assert _row(p, kind).speedup == pytest.approx(td / (t if kind != "2" else td))
+        assert _row(p, kind).dense_seconds == pytest.approx(n * td)
+    total_dense = sum(_row(p, k).layers * mine[key][1] for k, key in keys.items())
+    total_planned = 2 * mine[keys["up"]][0] + 2 * mine[keys["down"]][0] + mine[keys["2"]][1]
+    assert p.speedup == pytest.approx(total_dense / total_planned)
+    again = deftly.plan(model, cfg, speed=speed, measure=False)
+    assert [r.speedup for r in again.rows] == [r.speedup for r in p.rows] and again.speedup == p.speedup
+    one = latency.layer_speedup("monarch", 64, 128, hp["up"], speed, measure=False)
+    assert one is not None and (one.seconds, one.dense_seconds) == tuple(mine[keys["up"]])
+    assert latency.layer_speedup("monarch", 64, 128, hp["up"], latency.Latency(rows=9), measure=False) is None
+
+
+def test_cli_speed_and_latency_budget(monkeypatch, tmp_path, capsys):
+    """``--speed`` adds the column; ``--budget-kind latency`` takes a list of structures. The clock is fake
+    (time = the layer's FLOP share, dense = 1), so each structured row's speed-up is its FLOP ratio."""
+    from deftly.surgery import latency
+
+    monkeypatch.setenv("DEFTLY_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "_measure", lambda s, i, o, hp, opts:
+                        (deftly.get(s).flop_count(i, o, **hp) / (2 * i * o), 1.0))
+    tiny_gpt2_config().save_pretrained(tmp_path / "m")
+    out_json = tmp_path / "plan.json"
+    code, out, err = _cli(capsys, str(tmp_path / "m"), "--structure", "monarch,lowrank", "--budget", "0.5",
+                          "--budget-kind", "latency", "--speed", "8", "--speed-mode", "train", "--json",
+                          str(out_json))
+    assert code == 0, err
+    assert "speed-up (linear, 8 rows)" in out and "float32 train, measured on this machine" in out
+    d = json.loads(out_json.read_text())
+    assert d["config"]["structure"] == ["monarch", "lowrank"] and d["config"]["latency"]["rows"] == 8
+    assert d["speed"]["mode"] == "train"
+    timed = json.loads(_cache_file(tmp_path).read_text())[latency._machine()]
+    assert {json.loads(k)[0] for k in timed} == {"monarch", "lowrank", "dense"}  # every candidate tried
+    rows = [r for r in d["rows"] if r["layers"] and r["structure"] != "dense (not targeted)"]
+    assert rows and all(r["structure"] in ("monarch", "lowrank") for r in rows)
+    for r in rows:
+        assert r["flops_after"] <= 0.5 * r["flops_before"]
+        assert r["speedup"] == pytest.approx(r["flops_before"] / r["flops_after"])
+    for args, want in [(["--speed", "0"], "'0' is not a number of rows"),
+                       (["--speed", "many"], "'many' is not a number of rows"),
+                       (["--speed-mode", "train"], "--speed-mode train needs --speed ROWS"),
+                       (["--speed", "8", "--speed-mode", "fast"], "invalid choice: 'fast'"),
+                       (["--structure", "monarch,lowrank"], "add --budget-kind latency")]:
+        argv = [str(tmp_path / "m"), "--structure", "monarch", "--budget", "0.5", *args]
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2, (args, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("deftly plan: error:") and want in lines[0], err
+        if "number of rows" in want:
+            assert "e.g. --speed 4096" in lines[0]

@@ -246,4 +246,7 @@ class StructureConfig:
         d = asdict(self)
         d.pop("calibration")
         d["calibrated"] = self.calibration is not None
+        if self.budget_kind == "latency":  # every candidate structure; the dtype as its name
+            d["structure"] = list(self.candidates)
+            d["latency"]["dtype"] = str(self.latency.dtype)
         return d

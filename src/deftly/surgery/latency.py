@@ -31,7 +31,7 @@ from ..core.files import atomic_write_bytes
 from ..core.registry import get, make
 from .budget import choose_hparams
 
-__all__ = ["LADDER", "Candidate", "Latency", "cache_path", "candidates", "choose", "clear", "tune"]
+__all__ = ["LADDER", "Candidate", "Latency", "cache_path", "candidates", "choose", "clear", "layer_speedup", "tune"]
 
 #: parameter budgets (fractions of the dense layer) tried for every structure
 LADDER = (0.03, 0.06, 0.1, 0.15, 0.2, 0.25, 0.33, 0.5, 0.7)
@@ -159,6 +159,25 @@ def _measure(structure: str, in_f: int, out_f: int, hp: dict[str, Any], opts: La
     return _time_pair(_callable(layer, x, opts.mode), _callable(dense, x, opts.mode), opts.seconds)
 
 
+def _timing(mine: dict[str, Any], structure: str, in_f: int, out_f: int, hp: dict[str, Any], opts: Latency, *,
+            measure: bool = True, remeasure: bool = False,
+            log: Callable[[str], None] | None = None) -> tuple[Candidate | None, bool]:
+    """``(candidate, measured)``: the timing of one layer from ``mine`` (this machine's part of the cache),
+    measured and stored there when it is missing (or ``remeasure``) and ``measure`` allows; ``None`` when
+    it is missing and not measured."""
+    key = _key(structure, in_f, out_f, hp, opts)
+    measured = False
+    if remeasure or key not in mine:
+        if not measure:
+            return None, False
+        if log:
+            log(f"latency: timing {structure} {hp} at {in_f}x{out_f}, {opts.rows} rows")
+        mine[key] = list(_measure(structure, in_f, out_f, hp, opts))
+        measured = True
+    t, td = mine[key]
+    return Candidate(structure, hp, get(structure).param_count(in_f, out_f, **hp), t, td), measured
+
+
 def candidates(in_features: int, out_features: int, structures: Sequence[str] | None = None,
                opts: Latency | None = None, *, bias: bool = True, remeasure: bool = False,
                log: Callable[[str], None] | None = None) -> list[Candidate]:
@@ -170,7 +189,7 @@ def candidates(in_features: int, out_features: int, structures: Sequence[str] | 
     out: list[Candidate] = []
     dirty = False
     for s in structures:
-        cls = get(s)
+        get(s)
         seen = set()
         for frac in opts.ladder:
             try:
@@ -181,16 +200,30 @@ def candidates(in_features: int, out_features: int, structures: Sequence[str] | 
             if key in seen:
                 continue
             seen.add(key)
-            if remeasure or key not in mine:
-                if log:
-                    log(f"latency: timing {s} {hp} at {in_features}x{out_features}, {opts.rows} rows")
-                mine[key] = list(_measure(s, in_features, out_features, hp, opts))
-                dirty = True
-            t, td = mine[key]
-            out.append(Candidate(s, hp, cls.param_count(in_features, out_features, **hp), t, td))
+            cand, measured = _timing(mine, s, in_features, out_features, hp, opts, remeasure=remeasure, log=log)
+            assert cand is not None  # measure=True: never missing
+            out.append(cand)
+            dirty |= measured
     if dirty:
         _save(cache)
     return out
+
+
+def layer_speedup(structure: str, in_features: int, out_features: int, hparams: dict[str, Any] | None = None,
+                  opts: Latency | None = None, *, measure: bool = True, remeasure: bool = False,
+                  log: Callable[[str], None] | None = None) -> Candidate | None:
+    """The timing of one ``structure`` layer with ``hparams`` against ``nn.Linear`` of the same shape on
+    this machine (``.speedup`` = dense seconds / structured seconds, ``opts.rows`` rows per call): from the
+    cache, or measured on fresh layers and cached when ``measure`` (``None`` when it is not cached and
+    ``measure=False``). ``structure="dense"`` with no hyperparameters gives the dense layer's time."""
+    opts = opts or Latency()
+    get(structure)  # an unknown name fails before anything is timed
+    cache = _load()
+    cand, measured = _timing(cache.setdefault(_machine(), {}), structure, in_features, out_features,
+                             dict(hparams or {}), opts, measure=measure, remeasure=remeasure, log=log)
+    if measured:
+        _save(cache)
+    return cand
 
 
 def choose(in_features: int, out_features: int, target: float, structures: Sequence[str] | None = None,

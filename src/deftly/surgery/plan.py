@@ -22,6 +22,14 @@ Layers are grouped by *kind*: the module name after its last numeric part (``mod
 convention of ``torch.utils.flop_counter``; structured layers: ``layer.flops()``), the head included;
 attention scores (which grow with the context) and elementwise ops are not counted. **Weight memory**
 is parameters x 4 bytes (fp32) or x 2 (bf16), in GiB.
+
+**Speed-up** (``speed=Latency(rows=...)``): per kind, the time of one call of its linear layers, dense
+(``nn.Linear``) / as planned, at ``speed.rows`` rows per call, *measured on this machine* (fresh real
+layers from :func:`deftly.make`, timed against ``nn.Linear`` interleaved; the timings are those of
+:func:`deftly.surgery.latency.layer_speedup`, cached in ``$DEFTLY_CACHE/latency.json`` with the latency
+budgets'); layers left dense count their dense time on both sides. The total is the expected speed-up of
+all linear layers (the head included): sum of dense times / sum of planned times. It is not a prediction
+for other hardware, nor for the whole model (attention, norms and embeddings are not timed).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch
 from torch import nn
 
 from .config import StructureConfig
+from .latency import Candidate, Latency, _key, _machine, layer_speedup
 from .modules import is_conv1d, linear_modules, linear_shape
 from .report import _fmt_hp
 from .structurize import structurize
@@ -68,19 +77,56 @@ class PlanRow:
     params_after: int
     flops_before: int
     flops_after: int
+    #: with ``plan(speed=...)``: seconds of one call of every layer of the row (``speed.rows`` rows),
+    #: dense and as planned (a layer left dense: its dense time); ``None`` without timings
+    dense_seconds: float | None = None
+    planned_seconds: float | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """Dense time / planned time of the row's linear layers on this machine (``None``: not timed)."""
+        return _ratio(self.dense_seconds, self.planned_seconds)
+
+
+def _ratio(dense: float | None, planned: float | None) -> float | None:
+    return None if dense is None or not planned else dense / planned
+
+
+_SPEED_FIELDS = ("dense_seconds", "planned_seconds")
 
 
 @dataclass
 class Plan:
     """The result of :func:`plan`: rows per kind of layer, totals, memory; ``str()`` is a table,
     :meth:`to_markdown` a Markdown one, :meth:`to_dict` JSON-able. ``model`` is the structurized copy on
-    the meta device (``to_empty(device=...)`` + ``reset_parameters()`` makes it real)."""
+    the meta device (``to_empty(device=...)`` + ``reset_parameters()`` makes it real). ``speed``: how
+    the speed-up was timed (``None``: not asked for)."""
 
     source: str
     config: StructureConfig
     rows: list[PlanRow]
     seconds: float
     model: nn.Module | None = field(default=None, repr=False)
+    speed: Latency | None = None
+
+    def _timed_sum(self, name: str) -> float | None:
+        values = [getattr(r, name) for r in self.rows if r.layers]
+        return None if self.speed is None or None in values else sum(values)
+
+    @property
+    def dense_seconds(self) -> float | None:
+        """Seconds of one call of every linear layer, all dense (``None``: not timed)."""
+        return self._timed_sum("dense_seconds")
+
+    @property
+    def planned_seconds(self) -> float | None:
+        """Seconds of one call of every linear layer as planned (``None``: not timed)."""
+        return self._timed_sum("planned_seconds")
+
+    @property
+    def speedup(self) -> float | None:
+        """The expected speed-up of the linear layers on this machine: dense seconds / planned seconds."""
+        return _ratio(self.dense_seconds, self.planned_seconds)
 
     @property
     def params_before(self) -> int:
@@ -103,11 +149,28 @@ class Plan:
         return (self.params_before * bytes_per_param / _GIB, self.params_after * bytes_per_param / _GIB)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "config": self.config.to_dict(), "seconds": self.seconds,
-                "rows": [dataclasses.asdict(r) for r in self.rows],
-                "totals": {"params_before": self.params_before, "params_after": self.params_after,
-                           "flops_before": self.flops_before, "flops_after": self.flops_after,
-                           "fp32_gib": self.memory(4), "bf16_gib": self.memory(2)}}
+        rows = [dataclasses.asdict(r) for r in self.rows]
+        totals = {"params_before": self.params_before, "params_after": self.params_after,
+                  "flops_before": self.flops_before, "flops_after": self.flops_after,
+                  "fp32_gib": self.memory(4), "bf16_gib": self.memory(2)}
+        out = {"source": self.source, "config": self.config.to_dict(), "seconds": self.seconds, "rows": rows,
+               "totals": totals}
+        if self.speed is None:
+            for row in rows:
+                for name in _SPEED_FIELDS:
+                    del row[name]
+            return out
+        for row, r in zip(rows, self.rows):
+            row["speedup"] = r.speedup
+        totals.update(dense_seconds=self.dense_seconds, planned_seconds=self.planned_seconds,
+                      speedup=self.speedup)
+        out["speed"] = {"rows": self.speed.rows, "dtype": str(self.speed.dtype), "mode": self.speed.mode,
+                        "seconds": self.speed.seconds, "machine": _machine()}
+        return out
+
+    def _speed_column(self) -> str:
+        assert self.speed is not None
+        return f"speed-up (linear, {self.speed.rows} rows)"
 
     def _table(self) -> tuple[list[str], list[list[str]], list[list[str]]]:
         head = ["kind", "layers", "shape (out x in)", "structure", "hparams", "params before", "params after",
@@ -132,13 +195,32 @@ class Plan:
                         "", ""])
         mem.append(["params saved", "", "", "", "", "", f"{saved:,} ({saved / max(self.params_before, 1):.1%})",
                     "", ""])
+        if self.speed is not None:
+            def speed(r: PlanRow | Plan) -> str:
+                x = r.speedup
+                return "not timed" if x is None else f"{x:.2f}x"
+
+            head.append(self._speed_column())
+            for line, r in zip(body, self.rows):
+                line.append(speed(r) if r.layers else "")
+            total.append(speed(self))
+            for line in mem:
+                line.append("")
         return head, body, [total, *mem]
 
     def title(self) -> str:
         c = self.config
         budget = f", budget {c.budget} of {c.budget_kind}" if c.budget is not None else ", default hparams"
-        return f"deftly plan: {self.source} -> {c.structure}{budget} (planned on the meta device in " \
-               f"{self.seconds:.1f} s; FLOPs/token: linear layers only)"
+        structure = ",".join(c.candidates) if c.candidates else c.structure
+        speed = ""
+        if self.speed is not None:
+            x = self.speedup
+            speed = (f"; {self._speed_column()}: dense / planned time of the linear layers, "
+                     f"{str(self.speed.dtype).replace('torch.', '')} {self.speed.mode}, measured on this "
+                     f"machine, not a prediction for other hardware; expected speed-up of the linear layers: "
+                     + ("not timed" if x is None else f"{x:.2f}x"))
+        return f"deftly plan: {self.source} -> {structure}{budget} (planned on the meta device in " \
+               f"{self.seconds:.1f} s; FLOPs/token: linear layers only{speed})"
 
     def __str__(self) -> str:
         head, body, totals = self._table()
@@ -270,14 +352,40 @@ def _check_config(config: Any) -> StructureConfig:
     if config.select == "error":
         raise ValueError("plan: select='error' ranks candidates by their projection error, which needs the "
                          "weights; plan counts the select='params' choice (the largest within the budget)")
-    return dataclasses.replace(config, init="random", calibration=None)
+    cfg = dataclasses.replace(config, init="random", calibration=None)
+    cfg.candidates = config.candidates  # a latency budget's structures (replace passes on only the first)
+    return cfg
 
 
-def plan(model_or_config: Any, config: StructureConfig) -> Plan:
+def _times(layers: list[tuple[str, int, int, dict[str, Any], bool]], speed: Latency, measure: bool,
+           memo: dict[str, Candidate | None]) -> tuple[float | None, float | None]:
+    """``(dense, planned)`` seconds of one call of each ``(structure, in, out, hparams, planned)`` layer
+    (a layer left dense: ``("dense", in, out, {}, False)``, its dense time on both sides)."""
+    dense = planned = 0.0
+    for structure, in_f, out_f, hp, structured in layers:
+        key = _key(structure, in_f, out_f, hp, speed)  # layers of one shape are looked up once
+        if key not in memo:
+            memo[key] = layer_speedup(structure, in_f, out_f, hp, speed, measure=measure)
+        c = memo[key]
+        if c is None:
+            return None, None
+        dense += c.dense_seconds
+        planned += c.seconds if structured else c.dense_seconds
+    return dense, planned
+
+
+def plan(model_or_config: Any, config: StructureConfig, *, speed: Latency | None = None,
+         measure: bool = True) -> Plan:
     """Parameters, FLOPs per token and weight memory of ``model_or_config`` before and after
-    ``structurize(model, config)``, per kind of layer; built on the meta device (see the module doc)."""
+    ``structurize(model, config)``, per kind of layer; built on the meta device (see the module doc).
+
+    ``speed``: also time each kind's linear layers, dense and as planned, at ``speed.rows`` rows per call
+    on this machine (cached; ``measure=False`` uses only cached timings and leaves the others out)."""
     t0 = time.perf_counter()
     cfg = _check_config(config)
+    if speed is not None and not isinstance(speed, Latency):
+        raise TypeError(f"plan: speed must be a deftly.surgery.latency.Latency (e.g. Latency(rows=4096)) or "
+                        f"None, got {type(speed).__name__}")
     model, desc = meta_model(model_or_config)
     linear = linear_modules(model)
     kinds = {n: _kind(n) for n, _ in linear}
@@ -292,7 +400,8 @@ def plan(model_or_config: Any, config: StructureConfig) -> Plan:
         r = done.get(name)
         key = (kinds[name], r is not None)
         row = rows.setdefault(key, {"names": [], "shapes": set(), "structures": set(), "hparams": set(),
-                                    "pb": 0, "pa": 0, "fb": 0, "fa": 0, "conv1d": is_conv1d(mod)})
+                                    "pb": 0, "pa": 0, "fb": 0, "fa": 0, "conv1d": is_conv1d(mod), "timed": []})
+        row["timed"].append((r.structure, in_f, out_f, r.hparams, True) if r else ("dense", in_f, out_f, {}, False))
         row["names"].append(name)
         row["shapes"].add(f"{out_f} x {in_f}")
         row["structures"].add(r.structure if r else "dense (not targeted)")
@@ -305,11 +414,15 @@ def plan(model_or_config: Any, config: StructureConfig) -> Plan:
     def one(values: set[str]) -> str:
         return next(iter(values)) if len(values) == 1 else f"mixed ({len(values)})"
 
+    memo: dict[str, Candidate | None] = {}
     out = [PlanRow(kind=k + (" [Conv1D]" if v["conv1d"] else ""), layers=len(v["names"]),
                    shape=one(v["shapes"]), structure=one(v["structures"]), hparams=one(v["hparams"]),
                    params_before=v["pb"], params_after=v["pa"], flops_before=v["fb"], flops_after=v["fa"])
            for (k, _), v in rows.items()]  # in model order
+    if speed is not None:
+        for row_out, v in zip(out, rows.values()):
+            row_out.dense_seconds, row_out.planned_seconds = _times(v["timed"], speed, measure, memo)
     out.append(PlanRow(kind="other (embeddings, norms, ...)", layers=0, shape="", structure="unchanged",
                        hparams="", params_before=before[""], params_after=after[""], flops_before=0,
                        flops_after=0))
-    return Plan(source=desc, config=config, rows=out, seconds=time.perf_counter() - t0, model=model)
+    return Plan(source=desc, config=config, rows=out, seconds=time.perf_counter() - t0, model=model, speed=speed)
