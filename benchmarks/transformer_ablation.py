@@ -296,7 +296,7 @@ class Arm:
     attn_structure: str | None = None  # another structure (rule) for the attention layers
     attn_shapes: str | None = None
     lr: float | None = None  # None: dense's best lr on this model (from the dense sweep)
-    lr_mode: str = "mup"  # mup (default param_groups) | uniform | cap<c> | sqrt
+    lr_mode: str = "mup"  # mup (param_groups uncapped: max_multiplier=None) | uniform | cap<c> (cap 2: the default) | sqrt
     init: str = "default"  # default | cbs | zero | cbs+zero
     steps: int = 600
     seed: int = 0

@@ -61,7 +61,7 @@ def test_param_groups_cover_every_parameter_once_with_scaled_lrs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.GELU(), deftly.make("blockdiag", 32, 32, nblocks=4), nn.LayerNorm(32),
                           nn.Linear(32, 5))
-    groups = param_groups(model, 1e-3, weight_decay=0.1, exclude=(model[0], model[4]))
+    groups = param_groups(model, 1e-3, weight_decay=0.1, exclude=(model[0], model[4]), max_multiplier=None)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
     by_name = {n: g for g in groups for n in g["names"]}
@@ -82,8 +82,11 @@ def test_param_groups_max_multiplier_caps_every_factor():
     torch.manual_seed(0)
     model = nn.Sequential(deftly.make("lowrank", 64, 64, rank=8), nn.GELU(),
                           deftly.make("blockdiag", 64, 64, nblocks=4), nn.LayerNorm(64), nn.Linear(64, 5))
-    free = {n: g["lr_mult"] for g in param_groups(model, 1e-3) for n in g["names"]}
+    free = {n: g["lr_mult"] for g in param_groups(model, 1e-3, max_multiplier=None) for n in g["names"]}
     assert free["0.U"] > 2 and free["2.weight"] > 2 and free["0.V"] < 1  # what the cap acts on
+    default = {n: g["lr_mult"] for g in param_groups(model, 1e-3) for n in g["names"]}
+    assert default == {n: (m if n.startswith("3.") or n.endswith("bias") else min(m, 2.0))
+                       for n, m in free.items()}  # the default cap is 2 (DEFAULT_MAX_MULTIPLIER)
     for cap in (1.0, 0.5):
         groups = param_groups(model, 1e-3, max_multiplier=cap)
         capped = {n: g for g in groups for n in g["names"]}

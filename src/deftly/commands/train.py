@@ -63,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lm.add_argument("--eval-windows", type=int, default=128)
     lm.add_argument("--text-limit", type=int, default=None, help="use the first N characters of the text")
     lm.add_argument("--no-mup", action="store_true", help="one global learning rate instead of per-factor")
-    lm.add_argument("--max-lr-mult", type=_cap, default=1.0,
-                    help="cap on the per-factor learning-rate multipliers of the structured models (default 1: "
-                         "no factor faster than a dense weight; 'none': the measured multipliers uncapped)")
+    lm.add_argument("--max-lr-mult", type=_cap, default=2.0,
+                    help="cap on the per-factor learning-rate multipliers of the structured models (default 2, "
+                         "deftly.param_groups' default; 'none': the measured multipliers uncapped)")
     lm.add_argument("--mixer", choices=["attention", "monarch-mixer"], default="attention",
                     help="sequence mixer of every block: softmax attention (default) or monarch-mixer, the gated "
                          "long convolution of deftly.mixers (no learned positions, no more parameters)")

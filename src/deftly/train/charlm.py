@@ -45,6 +45,7 @@ from .common import (
     seed_everything,
 )
 from .loop import TrainConfig, train
+from .mup import DEFAULT_MAX_MULTIPLIER
 from .results import curves_plot, pareto_plot, write_json, write_run
 
 __all__ = ["COLUMNS", "GPT", "CharLMConfig", "run", "val_bits_per_char"]
@@ -71,9 +72,9 @@ class CharLMConfig:
     text_limit: int | None = None
     threads: int | None = None
     mup: bool = True
-    # cap on the per-factor learning-rate multipliers (None: no cap): the measured ones (4x on 4-block
-    # block-diagonal weights, 3-13x on low-rank U) keep this GPT on the bigram plateau at lr 2e-3
-    max_lr_mult: float | None = 1.0
+    # cap on the per-factor learning-rate multipliers (None: no cap); param_groups' default (2): the
+    # uncapped ones (4x on 4-block block-diagonal weights, 3-14x on low-rank U) train GPTs worse
+    max_lr_mult: float | None = DEFAULT_MAX_MULTIPLIER
     clock: str = "wall"  # "process": CPU time of this process, robust on a shared machine
     # sequence mixer of every block: "attention" (softmax, the default) or "monarch-mixer" (gated long
     # convolution, deftly.mixers.MonarchMixer; no learned positions, equal or fewer parameters)

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import distributed as ddist
 from ..io.checkpoint import load_checkpoint, save_checkpoint
-from .mup import param_groups, set_lr
+from .mup import DEFAULT_MAX_MULTIPLIER, param_groups, set_lr
 
 __all__ = ["Progress", "TrainConfig", "TrainResult", "epoch_batches", "rng_state", "set_rng_state", "train"]
 
@@ -54,7 +54,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio; 1.0 keeps lr constant
     grad_clip: float | None = 1.0
     mup: bool = True  # structure-aware per-factor learning rates
-    max_lr_mult: float | None = None  # cap on the per-factor multipliers (None: uncapped)
+    max_lr_mult: float | None = DEFAULT_MAX_MULTIPLIER  # cap on the per-factor multipliers (None: uncapped)
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 0  # 0: no periodic checkpoints (one is still written at the end if a path is set)
     seed: int = 0

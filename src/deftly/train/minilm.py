@@ -463,7 +463,8 @@ def run(cfg: MiniLMConfig, out_dir: str | Path = "runs/minilm", resume: bool = F
                        min_lr_ratio=cfg.min_lr_ratio,
                        mup=cfg.mup, eval_every=0, checkpoint_every=max(steps // 20, 1), seed=cfg.seed,
                        max_time=cfg.minutes * 60, progress=progress, label=f"minilm distil {cfg.structure}",
-                       grad_clip=1.0, clock=cfg.clock)
+                       grad_clip=1.0, clock=cfg.clock,
+                       max_lr_mult=None)  # distillation from projected weights: measured with uncapped rates
     emb_modules = (student.embeddings,) if hasattr(student, "embeddings") else ()
     student.train()  # the per-factor rates are measured in training mode (the stage rows left it in eval)
     res = train(student, batch_of, loss_fn, tcfg, checkpoint_path=out / "student.safetensors", resume=resume,
