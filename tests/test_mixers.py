@@ -495,6 +495,25 @@ def test_charlm_mixer_model_has_no_more_parameters_than_attention():
     assert [type(m).__name__ for m in mix.linear_layers()][:2] == ["Dense", "Dense"]
 
 
+@pytest.mark.parametrize("structure", ["dense", "monarch"])
+def test_charlm_mixer_model_is_causal_end_to_end(structure):
+    """The whole mixer GPT (embeddings, mixer blocks, MLPs, head) in float64: changing token t changes no
+    logit before t (to rounding: the FFTs mix every position numerically) and does change logit t."""
+    from deftly.train.charlm import GPT
+
+    torch.manual_seed(0)
+    model = GPT(100, structure, 0.25, layers=2, d=64, heads=4, ctx=32, mixer="monarch-mixer").double().eval()
+    x = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        y = model(x)
+        for t in (1, 5, 16, 31):
+            x2 = x.clone()
+            x2[:, t] = (x2[:, t] + 7) % 100
+            change = (model(x2) - y).abs().amax(dim=(0, 2))  # (T,)
+            assert float(change[:t].max()) < 1e-12 * float(y.abs().max()), (t, change[:t].max())
+            assert float(change[t]) > 1e-3
+
+
 def test_charlm_unknown_mixer_lists_choices():
     from deftly.train.charlm import CharLMConfig
 

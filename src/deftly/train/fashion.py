@@ -195,7 +195,10 @@ def _one(cfg: FashionConfig, structure: str, data, out: Path, resume: bool, prog
     tcfg = TrainConfig(steps=steps, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=max(1, steps // 50),
                        min_lr_ratio=0.0, mup=cfg.mup, eval_every=per_epoch,
                        checkpoint_every=max(1, per_epoch // 2), seed=cfg.seed,
-                       progress=progress, label=f"fashion-mnist {cfg.model} {structure}")
+                       progress=progress, label=f"fashion-mnist {cfg.model} {structure}",
+                       # measured: this 2-epoch MLP trains better with the multipliers uncapped (butterfly
+                       # 86.74% capped at 2 vs 87.54% uncapped, lowrank 87.27 vs 87.44; docs/defaults.md)
+                       max_lr_mult=None)
     res = train(model, get_batch, loss_fn, tcfg, evaluate=lambda m: {"test_acc": accuracy(m, xt, yt)},
                 checkpoint_path=sub / "checkpoint.safetensors", resume=resume, strategy=strategy,
                 exclude_from_mup=(model.inp, model.out) if isinstance(model, MLP) else (model.embed, model.out))
