@@ -165,14 +165,12 @@ class Monarch(StructuredLinear):
                 for r in range(1, min(p, s) + 1):
                     yield {"nblocks": k, "out_blocks": l, "rank": r}
 
-    #: preferred number of blocks per factor: sqrt(min(in, out)) / 2 (8 at 256, 16 at 1024), the count the
-    #: ablations on the char-LM trained best with at 25% (docs/transformer_defaults.md); the budget is
-    #: then met by the rank
+    #: preferred number of blocks per factor: sqrt(min(in, out)) (16 at 256, 32 at 1024), the count the
+    #: ablations on two GPTs trained best with at 25% (docs/defaults.md); the budget is then met by the rank
     @classmethod
     def preferred_blocks(cls, in_features: int, out_features: int) -> float:
-        # sqrt(n) blocks of sqrt(n) (the published parametrisation). Measured at 25% on two GPTs
-        # (benchmarks/transformer_ablation.py): d=256, 1500 steps: 16 blocks -0.35% vs dense, 8 blocks
-        # +0.97%; d=192, 600 steps: 12 blocks +1.8%, 6 blocks +3.8% (docs/defaults.md)
+        # sqrt(n) blocks of sqrt(n), the published parametrisation; measured (benchmarks/transformer_ablation.py):
+        # d=256, 1500 steps: 16 blocks -0.35% vs dense, 8 blocks +0.97%; d=192: 12 blocks +1.8%, 6 blocks +3.8%
         return max(1.0, math.sqrt(min(in_features, out_features)))
 
     @classmethod

@@ -11,7 +11,7 @@ __all__ = ["FILL", "BudgetError", "choose_hparams", "dense_count"]
 
 #: candidates filling at least this fraction of the fullest candidate's count compete on shape
 #: (``shape_score``): a practitioner's shape (divisors, square blocks, the published parametrisation)
-#: is worth the last few percent of a budget (docs/transformer_defaults.md)
+#: is worth the last few percent of a budget (docs/defaults.md)
 FILL = 0.9
 
 
