@@ -7,7 +7,8 @@ from typing import Any
 
 
 def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The four targets of issue #6, from the rows that exist (missing rows are reported as such)."""
+    """The four targets of issue #6 and issue #14's Monarch-vs-fly line, from the rows that exist (missing
+    rows are reported as such)."""
     def find(**kw):
         return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
 
@@ -38,7 +39,30 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out.append(_target("exact butterfly FFT, n=4096, batch 64, forward: <= 3 ms", r,
                        lambda x: x["time_ms"] <= 3.0,
                        lambda x: f"{x['time_ms']:.2f} ms (nn.Linear {x['dense_time_ms']:.2f} ms) [{x.get('backend')}]"))
+    out.append(_fly_target(find))
     return out
+
+
+def _fly_target(find: Callable[..., list[dict[str, Any]]]) -> dict[str, Any]:
+    """Issue #14: deftly's Monarch (64 blocks) vs fly's two-bmm algorithm (the ``fly.monarch`` peer row)
+    at every batch; the ratio is of the two rows' speedups over their own interleaved nn.Linear (so load
+    drift between the rows cancels), the times are shown beside it."""
+    text = "Monarch vs fly's two-bmm, n=4096, fp32 fwd+bwd, batch 1/64/2048: >= 2x"
+    ratios, parts = [], []
+    for b in (1, 64, 2048):
+        kw = {"size": "4096x4096", "batch": b, "dtype": "float32", "mode": "fwdbwd"}
+        ours = [x for x in find(structure="monarch", **kw) if x["hparams"].get("nblocks") == 64]
+        fly = [x for x in find(structure="fly.monarch", **kw) if x["hparams"].get("nblocks") == 64]
+        if not ours or not fly:
+            parts.append(f"batch {b}: not measured")
+            continue
+        m, f = ours[0], fly[0]
+        ratios.append(m["speedup"] / f["speedup"])
+        parts.append(f"batch {b}: {ratios[-1]:.2f}x ({m['time_ms']:.3f} vs fly {f['time_ms']:.3f} ms)")
+    if not ratios:
+        return {"target": text, "met": None, "measured": "not measured in this run"}
+    met = False if min(ratios) < 2.0 else (True if len(ratios) == 3 else None)  # None: a batch is missing
+    return {"target": text, "met": met, "measured": "; ".join(parts)}
 
 
 def _target(text: str, rows: list[dict], ok: Callable[[dict], bool], fmt: Callable[[dict], str]) -> dict:

@@ -125,10 +125,21 @@ def test_targets_evaluated():
             _row(structure="monarch@native", batch=1, speedup=0.1),  # forced backends do not count
             _row(structure="butterfly[fft]", batch=64, mode="fwd", time_ms=2.5)]
     t = {x["target"].split(":")[0]: x for x in evaluate_targets(rows)}
-    assert [x["met"] for x in t.values()] == [True, False, True, False, True]
+    assert [x["met"] for x in t.values()] == [True, False, True, False, True, None]
     assert "1/2 rows" in t["no structure slower than nn.Linear at batch 1 (every size, dtype, mode; dispatch on)"][
         "measured"]
     assert all(x["met"] is None for x in evaluate_targets([]) if "batch 1" not in x["target"])
+
+
+def test_fly_target():
+    kw = {"hparams": {"nblocks": 64, "out_blocks": 64, "rank": 1}}
+    rows = [r for b in (1, 64, 2048) for r in (_row(batch=b, speedup=3.0, **kw),
+                                                  _row(structure="fly.monarch", batch=b, speedup=1.0, **kw))]
+    fly = [x for x in evaluate_targets(rows) if "fly's" in x["target"]]
+    assert fly[0]["met"] is True and fly[0]["measured"].count("3.00x") == 3
+    rows[-1]["speedup"] = 2.0  # batch 2048: 1.5x
+    assert [x["met"] for x in evaluate_targets(rows) if "fly's" in x["target"]] == [False]
+    assert [x["met"] for x in evaluate_targets(rows[:2]) if "fly's" in x["target"]] == [None]  # batches missing
 
 
 def test_measure_and_peak_memory():

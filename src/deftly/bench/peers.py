@@ -1,4 +1,5 @@
-"""Peer implementations from PyPI (cola-ml, PEFT) wrapped as modules, when importable."""
+"""Peer implementations from PyPI (cola-ml, PEFT) wrapped as modules, when importable, and fly's published
+Monarch multiply written out as a baseline (:mod:`.fly_ref`, always available)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import TypeAlias
 
 import torch
 from torch import Tensor, nn
+
+from .config import bench_hparams
+from .fly_ref import FlyMonarch
 
 
 class _ColaModule(nn.Module):
@@ -99,7 +103,7 @@ class _PeftModule(nn.Module):
 
 
 #: a peer implementation: each has ``flops(batch)`` and ``hparams()`` like a deftly structure
-Peer: TypeAlias = "_ColaModule | _PeftModule"
+Peer: TypeAlias = "_ColaModule | _PeftModule | FlyMonarch"
 
 PEERS: dict[str, Callable[[int, int, torch.dtype], Peer]] = {
     "cola.kronecker": lambda i, o, d: _ColaModule("kronecker", i, o, d),
@@ -107,12 +111,19 @@ PEERS: dict[str, Callable[[int, int, torch.dtype], Peer]] = {
     "cola.lowrank": lambda i, o, d: _ColaModule("lowrank", i, o, d),
     "peft.lora": lambda i, o, d: _PeftModule("lora", i, o, d),
     "peft.boft": lambda i, o, d: _PeftModule("boft", i, o, d),
+    "fly.monarch": lambda i, o, d: _fly_monarch(i, o, d),
 }
+
+
+def _fly_monarch(in_f: int, out_f: int, dtype: torch.dtype) -> FlyMonarch:
+    """fly's two-bmm Monarch with the suite's Monarch blocks (``out_blocks`` as deftly's default)."""
+    k = bench_hparams("monarch", in_f, out_f)["nblocks"]
+    return FlyMonarch(in_f, out_f, nblocks=k, out_blocks=min(k, out_f), dtype=dtype)
 
 
 def peers_available() -> dict[str, str]:
     """``{peer family: version or reason it is skipped}``."""
-    out = {}
+    out = {"fly": "deftly.bench.fly_ref (written from the paper)"}
     for mod in ("cola", "peft"):
         try:
             m = __import__(mod)
