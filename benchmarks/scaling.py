@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     old = {}
     if out.with_suffix(".json").exists():
         prev = json.loads(out.with_suffix(".json").read_text())
-        same = {k: v for k, v in prev.get("config", {}).items() if k not in ("structures", "widths", "lrs", "match")}
-        now = {k: v for k, v in vars(args).items() if k not in ("structures", "widths", "lrs", "match")}
+        free = ("structures", "widths", "lrs", "match", "max_lr_mult")  # the arm ids carry the cap
+        same = {k: v for k, v in prev.get("config", {}).items() if k not in free}
+        now = {k: v for k, v in vars(args).items() if k not in free}
         if json.loads(json.dumps(same, default=str)) == json.loads(json.dumps(now, default=str)):
             old = prev.get("runs", {})
     runs = dict(old)
