@@ -1,6 +1,6 @@
 """The one budget solver (structurize, adapt and the recipes): what it may choose.
 
-Invariants of the defaults (docs/transformer_defaults.md): never over the weight budget; within FILL of
+Invariants of the defaults (docs/defaults.md): never over the weight budget; within FILL of
 the fullest admissible count; among those the structure's preferred shape — divisors over padding, square
 Monarch blocks with the rank filling the budget (the published parametrisation), two BTT cores; and the
 recipes build exactly the layers that ``structurize`` builds for the same budget.
