@@ -341,3 +341,15 @@ def test_cli_speed_and_latency_budget(monkeypatch, tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("deftly plan: error:") and want in lines[0], err
         if "number of rows" in want:
             assert "e.g. --speed 4096" in lines[0]
+
+
+def test_latency_candidates_survive_dataclasses_replace():
+    """``dataclasses.replace`` (used by plan and the sensitivity allocation) keeps every candidate."""
+    import dataclasses
+
+    from deftly import StructureConfig
+
+    cfg = StructureConfig(structure=["monarch", "lowrank"], budget=0.5, budget_kind="latency")
+    copy = dataclasses.replace(cfg, init="random")
+    assert copy.candidates == ("monarch", "lowrank") and copy.structure == "monarch"
+    assert dataclasses.replace(StructureConfig(structure="lowrank", budget=0.5)).candidates == ()

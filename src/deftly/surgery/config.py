@@ -150,10 +150,13 @@ class StructureConfig:
     steps: int | None = None
     seed: int = 0
     latency: Any = None
+    #: budget_kind="latency": the structures tried for every layer (set from a list ``structure``; a field,
+    #: so that ``dataclasses.replace`` keeps it)
+    candidates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # budget_kind="latency": ``structure`` may list the candidate structures tried for every layer
-        self.candidates: tuple[str, ...] = ()
+        self.candidates = tuple(self.candidates)
         if self.budget_kind == "latency" and isinstance(self.structure, (list, tuple)):
             if not self.structure or not all(isinstance(x, str) for x in self.structure):
                 raise TypeError(f"StructureConfig: structure={self.structure!r} must be a structure name or, "
@@ -246,7 +249,8 @@ class StructureConfig:
         d = asdict(self)
         d.pop("calibration")
         d["calibrated"] = self.calibration is not None
-        if self.budget_kind == "latency":  # every candidate structure; the dtype as its name
+        d["candidates"] = list(self.candidates)
+        if self.budget_kind == "latency":  # the structure as given (every candidate); the dtype as its name
             d["structure"] = list(self.candidates)
             d["latency"]["dtype"] = str(self.latency.dtype)
         return d

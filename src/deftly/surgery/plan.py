@@ -352,9 +352,7 @@ def _check_config(config: Any) -> StructureConfig:
     if config.select == "error":
         raise ValueError("plan: select='error' ranks candidates by their projection error, which needs the "
                          "weights; plan counts the select='params' choice (the largest within the budget)")
-    cfg = dataclasses.replace(config, init="random", calibration=None)
-    cfg.candidates = config.candidates  # a latency budget's structures (replace passes on only the first)
-    return cfg
+    return dataclasses.replace(config, init="random", calibration=None)
 
 
 def _times(layers: list[tuple[str, int, int, dict[str, Any], bool]], speed: Latency, measure: bool,

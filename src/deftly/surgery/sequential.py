@@ -206,17 +206,17 @@ def structurize_sequential(model: nn.Module, config: StructureConfig, reference:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 layer = make(p.structure, in_f, out_f, bias=bias, device=w_ref.device, dtype=w_ref.dtype, **hp)
-                plain = make(p.structure, in_f, out_f, bias=False, device=w_ref.device, dtype=torch.float64, **hp)
+                plain = make(p.structure, in_f, out_f, bias=bias, device=w_ref.device, dtype=torch.float64, **hp)
             res = project_layer_(layer, A.to(w_ref.device), b, calibration=cal, seed=config.seed, steps=config.steps)
-            project_layer_(plain, W, None, calibration=cal, seed=config.seed, steps=0, refine=False)
+            plain_res = project_layer_(plain, W, None if b is None else b.to(torch.float64), calibration=cal,
+                                       seed=config.seed, steps=0, refine=False)
             S = layer.to_dense().detach().to(torch.float64)
             err = _rel_error(W, S, css, cts, ctt)
             plain_err = _rel_error(W, plain.to_dense().detach().to(torch.float64), css, cts, ctt)
             method = f"sequential+{res.method}"
             if plain_err < err:  # e.g. no upstream error and the ridge only shrinks: keep the uncorrected one
-                res = project_layer_(layer, W.to(w_ref.device), b, calibration=cal, seed=config.seed,
-                                     steps=config.steps)
-                err, method = plain_err, f"sequential (uncorrected)+{res.method}"
+                layer.load_state_dict(plain.state_dict())  # copied into the layer's dtype: the measured one
+                res, err, method = plain_res, plain_err, f"sequential (uncorrected)+{plain_res.method}"
             layer.train(p.module.training)
             record_origin(layer, p.module)  # densify restores a Conv1D as a Conv1D
             set_module(model, name, layer)
