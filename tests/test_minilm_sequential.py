@@ -67,6 +67,28 @@ def test_sequential_projection_is_the_least_squares_correction_truncated():
         assert (model(X) - y).norm() < (indep(X) - y).norm()
 
 
+def test_fallback_keeps_the_measured_plain_projection_in_the_models_dtype():
+    """A float32 model and a large ridge: on layer 0 (no upstream error) the ridge only shrinks, so the
+    plain projection is kept; the kept layer is that projection (cast to float32) and its reported error is
+    the kept layer's own, recomputed here."""
+    ref = _mlp().float()
+    model = copy.deepcopy(ref)
+    batches = [b.float() for b in _inputs()]
+    cfg = StructureConfig(structure="lowrank", target_modules=["0"], budget=0.25, calibration=batches)
+    report = structurize_sequential(model, cfg, ref, ridge=10.0)
+    lay = report.layers[0]
+    assert lay.method.startswith("sequential (uncorrected)") and lay.output_error == lay.plain_output_error
+    assert model[0].U.dtype == torch.float32
+    X = torch.cat(batches).double()
+    W = ref[0].weight.double()
+    Up, Vp = low_rank_factors(W, model[0].rank, X.T @ X / len(X))
+    assert torch.allclose(model[0].to_dense().double(), Up @ Vp, atol=1e-5)
+    assert torch.equal(model[0].bias, ref[0].bias)
+    with torch.no_grad():
+        direct = (X @ W.T - X @ model[0].to_dense().double().T).norm() / (X @ W.T).norm()
+    assert lay.output_error == pytest.approx(float(direct), rel=1e-4)
+
+
 def test_structurize_sequential_refusals():
     ref = _mlp()
     cfg = StructureConfig(structure="lowrank", target_modules=["0", "2"], budget=0.25, calibration=_inputs())
