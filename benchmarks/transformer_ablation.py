@@ -258,10 +258,11 @@ def kron_rule(i: int, o: int, budget: float) -> dict:
 
 
 def fit_budget_rule(i: int, o: int, budget: float, structure: str = "monarch") -> dict:
-    """The recipes' solver (``deftly.train.budget.fit_budget``), for comparison."""
-    from deftly.train.budget import fit_budget
+    """The recipes' and ``structurize``'s one solver (``deftly.surgery.budget.choose_hparams``, through
+    ``deftly.train.common.budget_linear``), for comparison."""
+    from deftly.surgery.budget import choose_hparams
 
-    return fit_budget(structure, i, o, budget)[0]
+    return dict(choose_hparams(structure, i, o, budget, bias=True)[0])
 
 
 def lrbd_rule(i: int, o: int, budget: float, bd_share: float = 0.5) -> dict:

@@ -182,16 +182,29 @@ def test_merge_and_unload_restores_requires_grad(how):
     _train_step(m, ad)
     ad.merge_and_unload() if how == "handle" else deftly.surgery.merge_and_unload(m)
     assert not any(p.requires_grad for p in m.parameters())
-    # a partly frozen model gets each merged parameter's own flag back (the rest is as adapt left it)
+    # a partly frozen model gets every parameter's own flag back, merged layers and the rest alike
+    # (was: merged layers trainable in a model adapt had otherwise frozen)
     m = mlp()
     m[2].bias.requires_grad_(False)
+    want = {n: p.requires_grad for n, p in m.named_parameters()}
     ad = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0", "2"]))
     assert not any(p.requires_grad for n, p in m.named_parameters() if ".delta." not in n)
     ad.merge_and_unload() if how == "handle" else deftly.surgery.merge_and_unload(m)
     assert type(m[0]) is nn.Linear and type(m[2]) is nn.Linear
-    assert m[0].weight.requires_grad and m[0].bias.requires_grad
-    assert m[2].weight.requires_grad and not m[2].bias.requires_grad
-    assert not m[4].weight.requires_grad  # frozen by adapt(freeze=True), untouched by merging
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == want
+    assert not m[2].bias.requires_grad and m[4].weight.requires_grad
+    # two adapt calls: the flags from before the first come back once the last adapter is unloaded
+    m = mlp()
+    want = {n: p.requires_grad for n, p in m.named_parameters()}
+    ad0 = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["0"]))
+    ad2 = adapt(m, StructureConfig(structure="lowrank", hparams={"rank": 2}, target_modules=["2"]))
+    if how == "handle":
+        ad0.merge_and_unload()
+        assert not m[4].weight.requires_grad  # an adapter is still in the model: still frozen
+        ad2.merge_and_unload()
+    else:
+        deftly.surgery.merge_and_unload(m)
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == want
 
 
 def test_gpt2_merge_and_unload_keeps_conv1d():

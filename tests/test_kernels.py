@@ -48,11 +48,15 @@ def _grads(y, inputs, g):
 
 # ------------------------------------------------------------------------------------------ monarch
 @pytest.mark.parametrize("size,hp", MONARCH)
-def test_monarch_kernel_matches_reference_and_dense(size, hp):
+@pytest.mark.parametrize("batch", [6, 1030])  # both layouts of dL (below / from DIRECT_DL_BATCH rows)
+def test_monarch_kernel_matches_reference_and_dense(size, hp, batch):
+    from deftly.kernels.monarch import DIRECT_DL_BATCH
+
+    assert 6 < DIRECT_DL_BATCH <= 1030
     torch.manual_seed(0)
     i, o = size
     m = deftly.make("monarch", i, o, dtype=F64, **hp)
-    x = torch.randn(6, i, dtype=F64, requires_grad=True)
+    x = torch.randn(batch, i, dtype=F64, requires_grad=True)
     pad = m.in_part.pad
     ref = m._reference_matmul(x)
     dense = x @ m.to_dense().T
@@ -287,3 +291,128 @@ def test_triton_kernels_under_interpreter():
     out = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300, check=False)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ BLAS (direct batched GEMM)
+blas_only = pytest.mark.skipif(not K.blas.available(), reason="this torch build has no MKL gemm_batch")
+
+
+@blas_only
+@pytest.mark.parametrize("ta,tb", [("N", "N"), ("T", "N"), ("N", "T"), ("T", "T")])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_gemm_batch_known_answers_with_strides_and_offsets(ta, tb, dtype):
+    """Column-major C_i = op(A_i) op(B_i) + beta C_i on blocks carved out of larger tensors with leading
+    dimensions and offsets, against one matmul per block."""
+    torch.manual_seed(0)
+    m, n, k, count = 5, 7, 3, 4
+    lda, ldb, ldc = 11, 13, 9  # larger than the blocks: strided columns
+    a_rows, b_rows = (m, k) if ta == "N" else (k, m), (k, n) if tb == "N" else (n, k)
+    a = torch.randn(2 + count * 64, dtype=dtype)
+    b = torch.randn(3 + count * 128, dtype=dtype)
+    c = torch.randn(1 + count * 80, dtype=dtype)
+    c0 = c.clone()
+
+    def block(t, off, step, i, rows, cols, ld):  # column-major (rows x cols) with leading dimension ld
+        return t.as_strided((rows, cols), (1, ld), off + i * step)
+
+    K.blas.gemm_batch(ta, tb, m, n, k, a, lda, 64, b, ldb, 128, c, ldc, 80, count, a_offset=2, b_offset=3,
+                      c_offset=1, beta=0.5)
+    for i in range(count):
+        A = block(a, 2, 64, i, *a_rows, lda)
+        B = block(b, 3, 128, i, *b_rows, ldb)
+        want = (A if ta == "N" else A.T) @ (B if tb == "N" else B.T) + 0.5 * block(c0, 1, 80, i, m, n, ldc)
+        torch.testing.assert_close(block(c, 1, 80, i, m, n, ldc), want)
+    untouched = torch.ones_like(c, dtype=torch.bool)
+    for i in range(count):
+        block(untouched, 1, 80, i, m, n, ldc).fill_(False)
+    assert torch.equal(c[untouched], c0[untouched])  # nothing outside the blocks was written
+
+
+@blas_only
+@pytest.mark.parametrize("size,nb", BLOCKDIAG)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_blockdiag_blas_matches_reference_and_dense(size, nb, dtype):
+    torch.manual_seed(0)
+    i, o = size
+    b = deftly.make("blockdiag", i, o, nblocks=nb, dtype=dtype)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+    for batch in (0, 1, 5, 70):
+        x = torch.randn(batch, i, dtype=dtype, requires_grad=True)
+        ref = b._reference_matmul(x)
+        g = torch.randn_like(ref)
+        want = _grads(ref, [x, b.weight], g) if batch else None
+        y = b.out_part.unpad(K.blas.BlasBlockDiagFunction.apply(b.in_part.pad(x), b.weight))
+        torch.testing.assert_close(y, ref, **tol)
+        torch.testing.assert_close(y, x @ b.to_dense().T, **tol)
+        if batch:
+            for a, c in zip(_grads(y, [x, b.weight], g), want):
+                torch.testing.assert_close(a, c, **tol)
+
+
+@blas_only
+def test_blockdiag_blas_gradcheck():
+    torch.manual_seed(2)
+    b = deftly.make("blockdiag", 12, 20, nblocks=3, dtype=F64)
+    x = torch.randn(4, 12, dtype=F64, requires_grad=True)
+    w = b.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: K.blas.BlasBlockDiagFunction.apply(b.in_part.pad(x), w), (x, w))
+
+
+@blas_only
+@pytest.mark.parametrize("size,nb", [((16, 16), 4), ((12, 20), 3), ((5, 7), 5)])
+@pytest.mark.parametrize("batch", [1, 3, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_blockdiag_blas_layer_contract(size, nb, batch, bias):
+    """blockdiag_matmul_blas with the layer's arguments (padded sizes, bias added in place without
+    gradients), non-contiguous inputs, and through the layer when it is the forced backend."""
+    layer = _padded("blockdiag", size, {"nblocks": nb})
+    b = torch.randn(size[1], dtype=F64) if bias else None
+    x = torch.randn(size[0], batch, dtype=F64).T  # non-contiguous
+    want = layer._reference_matmul(x) + (b if bias else 0)
+    with torch.no_grad():
+        torch.testing.assert_close(K.blas.blockdiag_matmul_blas(x, *layer._kernel_args(), bias=b), want,
+                                   rtol=1e-12, atol=1e-12)
+    xg = x.clone().requires_grad_(True)
+    y = K.blas.blockdiag_matmul_blas(xg, *layer._kernel_args(), bias=b)
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(y, [xg, layer.weight], g)
+    ref = torch.autograd.grad(layer._reference_matmul(xg), [xg, layer.weight], g)
+    for a, c in zip(got, ref):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+    layer.kernel_backend = "blas"
+    torch.testing.assert_close(layer(x), layer._reference_matmul(x) + layer.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_without_mkl_the_blas_backend_is_not_offered(monkeypatch):
+    """A torch build without MKL's gemm_batch (aarch64, OpenBLAS): the dispatcher keeps the pure-PyTorch
+    kernels and a direct call says what to use instead."""
+    monkeypatch.setattr(K.blas, "_functions", lambda: None)
+    K.clear_cache()
+    layer = deftly.make("blockdiag", 64, 64, nblocks=4)
+    x = torch.randn(300, 64)
+    assert "blas" not in K.backends(layer, x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias, rtol=1e-5, atol=1e-5)
+    assert K.lookup(layer, 300, torch.float32, "infer") == "kernel"
+    with pytest.raises(RuntimeError, match="no MKL gemm_batch; use the 'kernel' backend"):
+        K.blas.gemm_batch("N", "N", 1, 1, 1, x, 1, 0, x, 1, 0, x, 1, 0, 1)
+
+
+@blas_only
+def test_static_choice_takes_blas_from_min_batch_for_wide_blocks():
+    """Decisions are cached per power-of-two bucket of rows; buckets wholly at or above MIN_BATCH take
+    the BLAS kernel for blocks at least MIN_BLOCK wide, in training and inference; thin blocks and
+    smaller buckets keep the pure-PyTorch paths."""
+    w = K.blas.MIN_BLOCK
+    wide = deftly.make("blockdiag", 2 * w, 2 * w, nblocks=2)
+    thin = deftly.make("blockdiag", 2 * w, 2 * w, nblocks=4)
+    low, high = K.blas.MIN_BATCH // 2, K.blas.MIN_BATCH
+    for layer in (wide, thin):
+        for batch in (low, high):
+            layer(torch.randn(batch, 2 * w, requires_grad=True)).sum().backward()
+            with torch.no_grad():
+                layer(torch.randn(batch, 2 * w))
+    for mode in ("train", "infer"):
+        assert K.lookup(wide, high, torch.float32, mode) == "blas"
+        assert K.lookup(wide, low, torch.float32, mode) != "blas"
+        assert K.lookup(thin, high, torch.float32, mode) == "kernel"

@@ -77,6 +77,21 @@ def test_structurize_with_a_latency_budget(fake_clock):
     assert torch.isfinite(model(x)).all()
 
 
+def test_measuring_prints_progress_and_the_cache_is_silent(fake_clock, capsys):
+    """Timing shapes takes ~1 s per candidate: a latency budget (and `deftly plan --speed`) on a fresh cache
+    says what it is timing, on stderr; served from the cache it prints nothing."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    cfg = deftly.StructureConfig(structure=["lowrank"], budget=0.5, budget_kind="latency",
+                                 latency=latency.Latency(rows=8), init="random", target_modules=["0"])
+    deftly.structurize(model, cfg)
+    err = capsys.readouterr().err
+    assert len(fake_clock) > 0 and err.count("latency: timing lowrank") == len(fake_clock)
+    assert "at 64x64, 8 rows" in err
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    deftly.structurize(model, cfg)
+    assert capsys.readouterr().err == ""
+
+
 def test_latency_config_errors():
     with pytest.raises(ValueError, match="needs a budget"):
         deftly.StructureConfig(structure="monarch", budget_kind="latency")

@@ -13,7 +13,8 @@ import torch
 import deftly
 from deftly import StructureConfig, load, save, structurize
 from deftly.core.projection import project_layer_, relative_error
-from deftly.surgery.structurize import choose_hparams, collect_calibration
+from deftly.surgery.budget import choose_hparams
+from deftly.surgery.structurize import collect_calibration
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")

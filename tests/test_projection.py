@@ -11,7 +11,7 @@ import torch
 import deftly
 from deftly.core.linalg import low_rank_factors
 from deftly.core.projection import Calibration, project_layer_, relative_error
-from deftly.surgery.structurize import choose_hparams, dense_count
+from deftly.surgery.budget import choose_hparams, dense_count
 
 CLOSED = ["dense", "lowrank", "blockdiag", "monarch", "lrbd"]
 

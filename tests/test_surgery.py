@@ -10,7 +10,7 @@ from torch import nn
 
 import deftly
 from deftly import StructureConfig, structurize
-from deftly.surgery.structurize import linear_modules
+from deftly.surgery.modules import linear_modules
 
 
 class Block(nn.Module):

@@ -14,7 +14,7 @@ Model-level tools are imported on first use (``import deftly`` stays light): ``d
 import typing as _typing  # private: dir(deftly) lists only the public API and subpackages
 
 from .core.base import StructuredLinear
-from .core.registry import get, make, register, structures
+from .core.registry import get, make, register, set_builtin_loader, structures
 
 __all__ = [
     "StructureConfig",
@@ -36,6 +36,9 @@ __all__ = [
 ]
 from ._version import __version__ as __version__  # re-exported
 
+set_builtin_loader(lambda: __import__("deftly.layers"))  # the built-ins register on first registry use
+del set_builtin_loader
+
 # name -> (module, attribute), imported on first access (PEP 562)
 _LAZY = {
     "project": ("deftly.surgery.project", "project"),
@@ -51,7 +54,8 @@ _LAZY = {
     "param_groups": ("deftly.train.mup", "param_groups"),
 }
 # subpackages reachable as attributes (``deftly.transforms.dft``) without importing them up front; the
-# right-hand side is the module (``deftly.dual`` and ``deftly.projection`` keep their former names)
+# right-hand side is the module (``deftly.dual`` keeps its former name; ``deftly.projection`` is now the per-layer
+# numerics of ``deftly.core.projection``: the model-level ``project`` is ``deftly.project``)
 _SUBMODULES = {
     "core": "deftly.core",
     "layers": "deftly.layers",

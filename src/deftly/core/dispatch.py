@@ -87,10 +87,14 @@ class KernelSpec:
     available: Callable[[Tensor], bool] | None = None
     #: a candidate when tuning (False: only when forced)
     auto: bool = True
+    #: ``when(layer) -> bool``: the layers whose static choice ``default`` applies to (None: every layer)
+    when: Callable[[Any], bool] | None = None
 
-    def is_default(self, batch: int, train: bool) -> bool:
+    def is_default(self, batch: int, train: bool, layer: Any = None) -> bool:
         d = self.default
-        return d(batch, train) if callable(d) else bool(d)
+        if not (d(batch, train) if callable(d) else bool(d)):
+            return False
+        return self.when is None or layer is None or bool(self.when(layer))
 
     def usable(self, x: Tensor) -> bool:
         return (self.dtypes is None or x.dtype in self.dtypes) and (self.available is None or self.available(x))
@@ -319,7 +323,7 @@ def static_choice(layer: Any, f: Facts | None, x: Tensor, batch: int, train: boo
             not x.is_complex() or dense_weight(layer).is_complex()):  # see _dense: real-output maps
         return DENSE
     for name, spec in type(layer).kernels.items():
-        if (spec.compile_ok or not compiling) and spec.is_default(batch, train) and spec.usable(x):
+        if (spec.compile_ok or not compiling) and spec.is_default(batch, train, layer) and spec.usable(x):
             return name
     return NATIVE
 

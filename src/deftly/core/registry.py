@@ -7,8 +7,8 @@ registry and never grows an if/elif chain over structure names.
 
 from __future__ import annotations
 
-import importlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from .base import StructuredLinear
@@ -17,6 +17,14 @@ __all__ = ["get", "make", "register", "structures"]
 
 _REGISTRY: dict[str, type[StructuredLinear]] = {}
 _BUILTINS_LOADED = False
+# imports the built-in structures (they register themselves); set by the package root, which sits above
+# ``deftly.layers``: core names no package above it, so the dependency points down (inversion)
+_BUILTIN_LOADER: list[Callable[[], object]] = []
+
+
+def set_builtin_loader(load: Callable[[], object]) -> None:
+    """Called once by ``deftly/__init__.py``: ``load()`` imports the built-in structure modules."""
+    _BUILTIN_LOADER[:] = [load]
 
 
 def register(cls: type[StructuredLinear]) -> type[StructuredLinear]:
@@ -34,9 +42,13 @@ def register(cls: type[StructuredLinear]) -> type[StructuredLinear]:
 
 def _load_builtins() -> None:
     global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        importlib.import_module("deftly.layers")
-        _BUILTINS_LOADED = True
+    if not _BUILTINS_LOADED and _BUILTIN_LOADER:
+        _BUILTINS_LOADED = True  # first: a structure module that asks the registry while loading
+        try:
+            _BUILTIN_LOADER[0]()
+        except BaseException:
+            _BUILTINS_LOADED = False  # retried on the next call, with the import's own error now
+            raise
 
 
 def structures() -> list[str]:

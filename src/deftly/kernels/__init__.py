@@ -23,7 +23,7 @@ mode): deterministically by default, by timing inside :func:`tune`.
 ...     _ = layer(__import__("torch").randn(8, 64))
 """
 
-from . import _pool
+from . import _pool, blas
 from ._common import triton_usable
 from .blockdiag import blockdiag_matmul, blockdiag_matmul_strided, blockdiag_matmul_triton
 from .butterfly import butterfly_flops, butterfly_matmul
@@ -50,6 +50,7 @@ from .monarch import monarch_matmul, monarch_matmul_triton
 __all__ = [
     "KernelSpec",
     "backends",
+    "blas",
     "blockdiag_matmul",
     "blockdiag_matmul_strided",
     "blockdiag_matmul_triton",

@@ -18,6 +18,7 @@ from ..core.partition import Partition, ceil_div
 from ..core.registry import register
 from ..kernels import (
     KernelSpec,
+    blas,
     blockdiag_matmul,
     blockdiag_matmul_strided,
     blockdiag_matmul_triton,
@@ -46,8 +47,12 @@ class BlockDiagonal(StructuredLinear):
 
     name = "blockdiag"
     # at small batch the plain bmm (native) trains faster than the pooled kernel with its hand-written
-    # backward (bench: 1024x1024 batch 64 fwd+bwd 0.33 vs 0.71 ms); from ~1k rows the kernel wins
+    # backward (bench: 1024x1024 batch 64 fwd+bwd 0.33 vs 0.71 ms); from ~1k rows the kernel wins, and
+    # there the copy-free BLAS calls win again where blocks are >= 64 wide (see deftly.kernels.blas)
     kernels: ClassVar[dict[str, KernelSpec]] = {
+        "blas": KernelSpec(blas.blockdiag_matmul_blas, default=lambda batch, train: batch >= blas.MIN_BATCH,
+                           when=lambda layer: min(layer.weight.shape[1:]) >= blas.MIN_BLOCK, bias=True,
+                           compile_ok=False, dtypes=(torch.float32, torch.float64), available=blas.usable),
         "kernel": KernelSpec(blockdiag_matmul, default=lambda batch, train: batch >= 1024 or not train, bias=True),
         "kernel_strided": KernelSpec(blockdiag_matmul_strided, bias=True, compile_ok=False, auto=False),
         "triton": KernelSpec(blockdiag_matmul_triton, available=triton_usable, compile_ok=False),

@@ -26,13 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.base import StructuredLinear
-from ..core.registry import make
-from .budget import choose_hparams, dense_count
+from .budget import choose_hparams
 from .config import StructureConfig, _matches_entry
-from .marks import guard_save_pretrained
-from .modules import dense_weight, is_conv1d, linear_shape, model_params, set_module, structured_modules
+from .modules import is_conv1d, linear_shape, model_params, set_module, structured_modules
 from .report import LayerReport, SurgeryReport
-from .structurize import match_layers
+from .template import Plan, build_layer, layer_report, match_layers, replace_layers
 
 __all__ = [
     "Adapters",
@@ -278,11 +276,26 @@ def unmerge(model: nn.Module) -> None:
         a.unmerge()
 
 
+#: ``model.__dict__`` key of ``{parameter name: requires_grad}`` as they were before the first :func:`adapt`
+_FLAGS = "_deftly_requires_grad_before_adapt"
+
+
+def _restore_flags(model: nn.Module) -> None:
+    """Once no adapter is left: every parameter's ``requires_grad`` as before :func:`adapt` froze it."""
+    if _adapters(model):
+        return
+    flags = model.__dict__.pop(_FLAGS, None) or {}
+    for n, prm in model.named_parameters():
+        if n in flags:
+            prm.requires_grad_(flags[n])
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every adapter by its base layer with the delta folded in (plain ``nn.Linear``/``Conv1D``,
-    each parameter with the ``requires_grad`` it had before :func:`adapt`)."""
+    """Replace every adapter by its base layer with the delta folded in (plain ``nn.Linear``/``Conv1D``);
+    every parameter of the model gets back the ``requires_grad`` it had before :func:`adapt`."""
     for name, a in _adapters(model):
         set_module(model, name, a.merged_linear())
+    _restore_flags(model)
     return model
 
 
@@ -311,9 +324,12 @@ class Adapters:
             a.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
+        """:func:`merge_and_unload` of these adapters (the model's ``requires_grad`` flags come back once
+        no adapter is left in it)."""
         for n in self.names:
             set_module(self.model, n, cast(StructuredAdapter, self.model.get_submodule(n)).merged_linear())
         self.names = []
+        _restore_flags(self.model)
         return self.model
 
     def __str__(self) -> str:
@@ -339,47 +355,34 @@ def adapt(model: nn.Module, config: StructureConfig, *, scale: float = 1.0, zero
         _check_not_adapted(model, config)
     plans = match_layers(model, config)
     before = model_params(model)
-    built: list[tuple[str, StructuredAdapter]] = []
-    rows = []
-    for i, p in enumerate(plans):
+
+    def build(i: int, p: Plan) -> tuple[nn.Module, LayerReport]:  # the template's hook
         in_f, out_f = linear_shape(p.module)
         hp = choose_hparams(p.structure, in_f, out_f, p.budget, kind=config.budget_kind, bias=False,
                             fixed=p.fixed, where=f"layer {p.name!r} ({out_f} x {in_f})")[0]
-        w = dense_weight(p.module)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed + i)
-            try:
-                delta = make(p.structure, in_f, out_f, bias=False, device=w.device, dtype=w.dtype, **hp)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"layer {p.name!r} ({out_f} x {in_f}): {err}") from None
+        delta = build_layer(p, hp, config.seed + i, bias=False)
         anchor = None
         if zero_init and not zero_delta_init_(delta):
             import copy
 
             anchor = copy.deepcopy(delta)  # delta - anchor is zero at init, gradient intact
         adapter = StructuredAdapter(p.module, delta, scale, anchor=anchor, freeze_base=False)
-        adapter.train(p.module.training)
-        built.append((p.name, adapter))
-        bias = getattr(p.module, "bias", None) is not None
-        rows.append(LayerReport(
-            name=p.name, kind="Conv1D" if is_conv1d(p.module) else type(p.module).__name__, in_features=in_f,
-            out_features=out_f, structure=p.structure, hparams=delta.hparams(),
-            params_before=dense_count(in_f, out_f, "params", bias),
-            params_after=dense_count(in_f, out_f, "params", bias) + delta.num_params(),
-            flops_before=dense_count(in_f, out_f, "flops"),
-            flops_after=dense_count(in_f, out_f, "flops") + delta.flops(), method="adapter"))
+        return adapter, layer_report(p, delta, adds_to_dense=True, method="adapter")
+
+    flags = {n: prm.requires_grad for n, prm in model.named_parameters()}
+    rows = replace_layers(model, plans, build, origin=False)  # nothing is swapped until all are built
+    model.__dict__.setdefault(_FLAGS, flags)  # merge_and_unload puts them back (the first adapt's)
     if freeze:
         for prm in model.parameters():
             prm.requires_grad_(False)
-    for name, adapter in built:
+    for p in plans:
+        adapter = cast(StructuredAdapter, model.get_submodule(p.name))
         for prm in adapter.base.parameters():
             prm.requires_grad_(False)
-        set_module(model, name, adapter)
         for prm in adapter.delta.parameters():
             prm.requires_grad_(True)
-    guard_save_pretrained(model)  # transformers' save_pretrained would lose the adapters: refuse it
     trainable = sum(prm.numel() for prm in model.parameters() if prm.requires_grad)
     report = SurgeryReport(rows, before, model_params(model), structure=config.structure,
                            budget=config.budget, budget_kind=config.budget_kind, action="adapt",
                            trainable_params=trainable)
-    return Adapters(model, [n for n, _ in built], report)
+    return Adapters(model, [p.name for p in plans], report)

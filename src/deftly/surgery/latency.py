@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -157,6 +158,12 @@ def _measure(structure: str, in_f: int, out_f: int, hp: dict[str, Any], opts: La
         dense = nn.Linear(in_f, out_f, dtype=opts.dtype)
         x = torch.randn(opts.rows, in_f, dtype=opts.dtype)
     return _time_pair(_callable(layer, x, opts.mode), _callable(dense, x, opts.mode), opts.seconds)
+
+
+def progress(line: str) -> None:
+    """The default progress line of a measurement (stderr, flushed): timing a missing shape takes ~1 s per
+    candidate, so a plan or latency budget on a fresh cache shows what it is doing."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _timing(mine: dict[str, Any], structure: str, in_f: int, out_f: int, hp: dict[str, Any], opts: Latency, *,

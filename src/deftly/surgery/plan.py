@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .config import StructureConfig
-from .latency import Candidate, Latency, _key, _machine, layer_speedup
+from .latency import Candidate, Latency, _key, _machine, layer_speedup, progress
 from .modules import is_conv1d, linear_modules, linear_shape
 from .report import _fmt_hp
 from .structurize import structurize
@@ -363,7 +363,7 @@ def _times(layers: list[tuple[str, int, int, dict[str, Any], bool]], speed: Late
     for structure, in_f, out_f, hp, structured in layers:
         key = _key(structure, in_f, out_f, hp, speed)  # layers of one shape are looked up once
         if key not in memo:
-            memo[key] = layer_speedup(structure, in_f, out_f, hp, speed, measure=measure)
+            memo[key] = layer_speedup(structure, in_f, out_f, hp, speed, measure=measure, log=progress)
         c = memo[key]
         if c is None:
             return None, None

@@ -35,13 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.projection import Calibration, project_layer_
-from ..core.registry import make
-from .budget import choose_hparams, dense_count
+from .budget import choose_hparams
 from .config import StructureConfig
-from .marks import record_origin
-from .modules import dense_weight, is_conv1d, linear_shape, model_params, set_module
+from .modules import dense_weight, linear_shape, model_params
 from .report import LayerReport, SurgeryReport
-from .structurize import match_layers
+from .template import build_layer, layer_report, match_layers, swap_in
 
 __all__ = ["structurize_sequential"]
 
@@ -203,10 +201,8 @@ def structurize_sequential(model: nn.Module, config: StructureConfig, reference:
             b = getattr(p.module, "bias", None)
             b = None if b is None else b.detach()
             w_ref = dense_weight(p.module)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                layer = make(p.structure, in_f, out_f, bias=bias, device=w_ref.device, dtype=w_ref.dtype, **hp)
-                plain = make(p.structure, in_f, out_f, bias=bias, device=w_ref.device, dtype=torch.float64, **hp)
+            layer = build_layer(p, hp, config.seed)
+            plain = build_layer(p, hp, config.seed, dtype=torch.float64)
             res = project_layer_(layer, A.to(w_ref.device), b, calibration=cal, seed=config.seed, steps=config.steps)
             plain_res = project_layer_(plain, W, None if b is None else b.to(torch.float64), calibration=cal,
                                        seed=config.seed, steps=0, refine=False)
@@ -217,16 +213,10 @@ def structurize_sequential(model: nn.Module, config: StructureConfig, reference:
             if plain_err < err:  # e.g. no upstream error and the ridge only shrinks: keep the uncorrected one
                 layer.load_state_dict(plain.state_dict())  # copied into the layer's dtype: the measured one
                 res, err, method = plain_res, plain_err, f"sequential (uncorrected)+{plain_res.method}"
-            layer.train(p.module.training)
-            record_origin(layer, p.module)  # densify restores a Conv1D as a Conv1D
-            set_module(model, name, layer)
-            reports.append(LayerReport(
-                name=name, kind="Conv1D" if is_conv1d(p.module) else type(p.module).__name__, in_features=in_f,
-                out_features=out_f, structure=p.structure, hparams=layer.hparams(),
-                params_before=dense_count(in_f, out_f, "params", bias), params_after=layer.num_params(),
-                flops_before=dense_count(in_f, out_f, "flops"), flops_after=layer.flops(),
-                error=res.weight_error, output_error=err, plain_output_error=plain_err,
-                method=method, seconds=time.perf_counter() - t0))
+            swap_in(model, [(p, layer)])  # stage by stage: the next stage's inputs come from this one
+            reports.append(layer_report(p, layer, error=res.weight_error, output_error=err,
+                                        plain_output_error=plain_err, method=method,
+                                        seconds=time.perf_counter() - t0))
             if progress is not None:
                 hps = ", ".join(f"{k}={v}" for k, v in layer.hparams().items())
                 progress(f"sequential {len(reports)}/{len(order)} {name}: {p.structure} {hps}, output error vs "

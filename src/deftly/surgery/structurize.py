@@ -36,85 +36,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core.base import StructuredLinear
 from ..core.projection import Calibration, project_layer_
 from ..core.registry import make
-from .budget import choose_hparams, dense_count
-from .config import _CONFIG_KEYS, StructureConfig, _match, _override_matches
-from .marks import guard_save_pretrained, record_origin
-from .modules import (
-    dense_weight,
-    is_conv1d,
-    linear_modules,
-    linear_shape,
-    model_params,
-    output_head,
-    set_module,
-)
+from .budget import choose_hparams
+from .config import StructureConfig
+from .modules import dense_weight, linear_shape, model_params
 from .report import LayerReport, SurgeryReport
+from .template import Plan, build_layer, layer_report, match_layers, replace_layers
 
 __all__ = ["collect_calibration", "match_layers", "structurize"]
-
-
-@dataclass
-class _Plan:
-    name: str
-    module: nn.Module
-    structure: str
-    budget: float | None
-    fixed: dict[str, Any]
-
-
-
-
-def match_layers(model: nn.Module, config: StructureConfig) -> list[_Plan]:
-    """Resolve targets, excludes and overrides to one plan per layer (no change to the model)."""
-    if not isinstance(config, StructureConfig):
-        raise TypeError(f"config must be a deftly.StructureConfig, got {type(config).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    mods = linear_modules(model)
-    names = [n for n, _ in mods]
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D layer that can be structured "
-                         f"(already-structured layers and adapters are skipped)")
-    if config.target_modules == "all-linear":
-        head = output_head(model, names)
-        targets = [n for n in names if n != head]
-        if not targets:
-            raise ValueError(f"target_modules='all-linear' leaves no layer of {type(model).__name__} after "
-                             f"excluding its output head {head!r}; name the layers instead")
-    else:
-        targets = _match(config.target_modules, names, "target_modules")
-    if config.exclude_modules is not None:
-        excluded = set(_match(config.exclude_modules, names, "exclude_modules"))
-        targets = [n for n in targets if n not in excluded]
-        if not targets:
-            raise ValueError("exclude_modules removes every targeted layer; nothing would be structured")
-    by_name = dict(mods)
-    plans = []
-    for pat in config.overrides:
-        if not any(_override_matches(pat, n) for n in targets):
-            raise ValueError(f"overrides pattern {pat!r} matches no targeted layer (patterns are names, "
-                             f"suffixes or regexes matched in full). targeted: {', '.join(targets[:40])}"
-                             + (" ..." if len(targets) > 40 else ""))
-    for n in targets:
-        structure, budget, fixed = config.structure, config.budget, dict(config.hparams)
-        for pat, ov in config.overrides.items():
-            if _override_matches(pat, n):
-                if "structure" in ov and ov["structure"] != structure:
-                    structure, fixed = ov["structure"], {}
-                if "budget" in ov:
-                    budget = ov["budget"]
-                fixed.update({k: v for k, v in ov.items() if k not in _CONFIG_KEYS})
-        plans.append(_Plan(n, by_name[n], structure, budget, fixed))
-    return plans
 
 
 def _run_calibration(model: nn.Module, calibration: Any) -> None:
@@ -150,6 +85,11 @@ def collect_calibration(model: nn.Module, names: Sequence[str], calibration: Any
         model.eval()
         with torch.no_grad():
             _run_calibration(model, calibration)
+    except RuntimeError as err:  # e.g. inputs of the wrong width for a layer that is not targeted
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"running the calibration data through the model failed ({first}); pass inputs the "
+                         f"model accepts as it is called in training (a tensor, a dict of keyword inputs or a "
+                         f"callable f(model))") from err
     finally:
         for h in handles:
             h.remove()
@@ -165,24 +105,11 @@ def collect_calibration(model: nn.Module, names: Sequence[str], calibration: Any
     return cals
 
 
-def _build(p: _Plan, hp: dict, seed: int) -> StructuredLinear:
-    in_f, out_f = linear_shape(p.module)
-    w = dense_weight(p.module)
-    bias = getattr(p.module, "bias", None) is not None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            layer = make(p.structure, in_f, out_f, bias=bias, device=w.device, dtype=w.dtype, **hp)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"layer {p.name!r} ({out_f} x {in_f}): {err}") from None
-    return layer
-
-
-def _latency_choice(p: _Plan, config: StructureConfig, in_f: int, out_f: int,
+def _latency_choice(p: Plan, config: StructureConfig, in_f: int, out_f: int,
                     bias: bool) -> tuple[str, dict[str, Any]]:
     """The (structure, hyperparameters) meeting ``p.budget`` x the dense layer's measured time, with the
     least closed-form projection error of this layer's weight (``init="project"``) or the most parameters."""
-    from .latency import choose
+    from .latency import choose, progress
 
     error = None
     if config.init == "project":
@@ -193,7 +120,7 @@ def _latency_choice(p: _Plan, config: StructureConfig, in_f: int, out_f: int,
             return project_layer_(trial, w, None, seed=config.seed, refine=False, steps=0).error
 
     best = choose(in_f, out_f, p.budget or 1.0, config.candidates, config.latency, bias=bias, error=error,
-                  where=f"layer {p.name!r} ({out_f} x {in_f})")
+                  where=f"layer {p.name!r} ({out_f} x {in_f})", log=progress)
     return best.structure, dict(best.hparams)
 
 
@@ -231,44 +158,30 @@ def structurize(model: nn.Module, config: StructureConfig) -> SurgeryReport:
         choices.append([dict(hp) for hp in solved[key]])
     cals = (collect_calibration(model, [p.name for p in plans], config.calibration)
             if config.calibration is not None and config.init == "project" else {})
-    new_layers: list[StructuredLinear] = []
-    reports: list[LayerReport] = []
-    for i, (p, cands) in enumerate(zip(plans, choices)):
-        in_f, out_f = linear_shape(p.module)
+
+    def build(i: int, p: Plan) -> tuple[nn.Module, LayerReport]:  # the template's hook
+        cands = choices[i]
+        if config.init == "random":
+            layer = build_layer(p, cands[0], config.seed + i)
+            return layer, layer_report(p, layer, method="random init")
         w = dense_weight(p.module).detach()
         b = getattr(p.module, "bias", None)
         b = None if b is None else b.detach()
         cal = cals.get(p.name)
-        res = None
-        if config.init == "random":
-            layer = _build(p, cands[0], config.seed + i)
-        else:
-            if len(cands) > 1:  # rank the shortlist by the closed-form error (no L-BFGS polish)
-                trials = []
-                for hp in cands:
-                    trial = _build(p, hp, config.seed + i)
-                    trials.append((project_layer_(trial, w, b, calibration=cal, seed=config.seed,
-                                                  refine=False, steps=config.steps).error, hp))
-                hp = min(trials, key=lambda t: t[0])[1]
-            else:
-                hp = cands[0]
-            layer = _build(p, hp, config.seed + i)
-            res = project_layer_(layer, w, b, calibration=cal, seed=config.seed, steps=config.steps)
-        layer.train(p.module.training)
-        new_layers.append(layer)
-        bias = b is not None
-        reports.append(LayerReport(
-            name=p.name, kind="Conv1D" if is_conv1d(p.module) else type(p.module).__name__,
-            in_features=in_f, out_features=out_f, structure=p.structure, hparams=layer.hparams(),
-            params_before=dense_count(in_f, out_f, "params", bias), params_after=layer.num_params(),
-            flops_before=dense_count(in_f, out_f, "flops"), flops_after=layer.flops(),
-            error=None if res is None else res.weight_error,
-            output_error=None if res is None else res.output_error,
-            plain_output_error=None if res is None else res.plain_output_error,
-            method="random init" if res is None else res.method, seconds=0.0 if res is None else res.seconds))
-    for p, layer in zip(plans, new_layers):
-        record_origin(layer, p.module)  # densify restores a Conv1D as a Conv1D
-        set_module(model, p.name, layer)
-    guard_save_pretrained(model)  # transformers' save_pretrained would lose the structure: refuse it
+        hp = cands[0]
+        if len(cands) > 1:  # rank the shortlist by the closed-form error (no L-BFGS polish)
+            trials = []
+            for c in cands:
+                trial = build_layer(p, c, config.seed + i)
+                trials.append((project_layer_(trial, w, b, calibration=cal, seed=config.seed, refine=False,
+                                              steps=config.steps).error, c))
+            hp = min(trials, key=lambda t: t[0])[1]
+        layer = build_layer(p, hp, config.seed + i)
+        res = project_layer_(layer, w, b, calibration=cal, seed=config.seed, steps=config.steps)
+        return layer, layer_report(p, layer, error=res.weight_error, output_error=res.output_error,
+                                   plain_output_error=res.plain_output_error, method=res.method,
+                                   seconds=res.seconds)
+
+    reports = replace_layers(model, plans, build)  # nothing is swapped until every layer is built
     return SurgeryReport(reports, before_total, model_params(model), structure=config.structure,
                          budget=config.budget, budget_kind=kind)

@@ -226,9 +226,9 @@ def _is_legacy_optim(osd: Any) -> bool:
                                          for p in g.get("params", []))
 
 
-def _load_state(state: dict[str, Any], ckpt: Path, model: nn.Module, run_model: nn.Module,
-                optimizer: torch.optim.Optimizer, distributed: bool) -> None:
-    """Check the checkpoint's model and optimizer state against ``model``/``optimizer``, then load both
+def _load_state(state: dict[str, Any], ckpt: Path, run_model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> None:
+    """Check the checkpoint's model and optimizer state against ``run_model``/``optimizer``, then load both
     (nothing changes when a check fails)."""
     src = str(ckpt)
     for key in ("model", "optimizer", "rng", "step", "train_time", "history", "losses"):
@@ -307,7 +307,7 @@ def train(model: nn.Module, get_batch: Callable[[int], Any], loss_fn: Callable[[
                 raise ValueError(f"cannot resume from {ckpt}: it was written with {key}={saved_cfg[key]!r} but "
                                  f"this run has {key}={getattr(cfg, key)!r}; use the same settings or a new "
                                  "run directory")
-        _load_state(state, ckpt, model, run_model, optimizer, dinfo.distributed)
+        _load_state(state, ckpt, run_model, optimizer)
         set_rng_state(state["rng"])
         step, train_time = int(state["step"]), float(state["train_time"])
         history, losses = list(state["history"]), [float(x) for x in state["losses"]]
