@@ -77,6 +77,17 @@ BAD = {
     "bench-min-run-time": (["bench", "--min-run-time", "0"], ["--min-run-time 0"]),
     "show-misspelt": (["show", "--structures", "monarh", "--png", ""], ["Did you mean 'monarch'?"]),
     "show-picture-size": (["show", "--structures", "dense", "--picture-size", "0"], ["--picture-size 0"]),
+    # names argparse itself refuses: the closest valid one is suggested too
+    "train-misspelt-recipe": (["train", "fashion-mnsit"], ["invalid choice: 'fashion-mnsit'",
+                                                            "Did you mean 'fashion-mnist'?"]),
+    "compress-misspelt-model": (["compress", "minlm", "--structure", "lowrank"], ["invalid choice: 'minlm'",
+                                                                                   "Did you mean 'minilm'?"]),
+    "train-misspelt-option": (["train", "fashion-mnist", "--strucures", "dense"],
+                              ["unrecognized arguments: --strucures dense", "Did you mean '--structures'?"]),
+    "charlm-misspelt-option": (["train", "charlm", "--strucures=dense"], ["--strucures=dense",
+                                                                          "Did you mean '--structures'?"]),
+    "train-misspelt-choice": (["train", "fashion-mnist", "--model", "mpl"], ["invalid choice: 'mpl'",
+                                                                             "Did you mean 'mlp'?"]),
 }
 
 
@@ -101,6 +112,25 @@ def test_bad_value_is_one_line_before_any_work(case, capsys, monkeypatch, tmp_pa
     for want in wants:
         assert want in lines[0], (want, lines[0])
     assert not any(tmp_path.iterdir()), "a refused command wrote files"
+
+
+def test_misspelt_command_and_options_suggest_the_closest(capsys):
+    def one_line(argv):
+        code, _, err = _run(argv, capsys)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (argv, code, err)
+        return lines[0]
+
+    line = one_line(["trian"])
+    assert line.startswith("deftly: error:") and "invalid choice: 'trian'" in line, line
+    assert "Did you mean 'train'?" in line, line
+    line = one_line(["xyzzy"])  # nothing close: no suggestion, the choices are listed
+    assert "invalid choice: 'xyzzy'" in line and "Did you mean" not in line and "'train'" in line, line
+    line = one_line(["train", "fashion-mnist", "--strucures", "dense", "--epohcs", "1"])
+    assert line.startswith("deftly train fashion-mnist: error: unrecognized arguments:"), line
+    assert "Did you mean '--structures' for '--strucures', '--epochs' for '--epohcs'?" in line, line
+    line = one_line(["train", "fashion-mnist", "--zzzzzz"])  # nothing close: named, no suggestion
+    assert "unrecognized arguments: --zzzzzz" in line and "Did you mean" not in line, line
 
 
 def test_python_api_refuses_the_same_values():
@@ -128,10 +158,38 @@ def test_python_api_refuses_the_same_values():
         deftly.StructureConfig("lowrank", hparams={"rnak": 2})
 
 
+def test_structure_config_suggests_the_closest_field():
+    import dataclasses
+    import inspect
+
+    import deftly
+
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'budjet'\. Did you mean 'budget'\? "
+                                        r"Its fields are: structure, target_modules, .*budget"):
+        deftly.StructureConfig("lowrank", budjet=0.5)
+    with pytest.raises(TypeError, match=r"arguments 'budjet', 'zzz'\. Did you mean 'budget'\?"):
+        deftly.StructureConfig(structure="lowrank", budjet=0.5, zzz=1)
+    cfg = deftly.StructureConfig("lowrank", budget=0.5)  # the dataclass machinery is unchanged
+    assert dataclasses.replace(cfg, budget=0.25).budget == 0.25
+    with pytest.raises(TypeError, match=r"Did you mean 'budget'\?"):
+        dataclasses.replace(cfg, budjet=0.25)
+    assert [f.name for f in dataclasses.fields(cfg)][:4] == ["structure", "target_modules", "exclude_modules",
+                                                               "budget"]
+    assert "budget" in inspect.signature(deftly.StructureConfig).parameters
+    with pytest.raises(ValueError, match="budget=2"):  # still validated
+        deftly.StructureConfig("lowrank", budget=2)
+
+
 # ------------------------------------------------------------------ unexpected errors
 @pytest.mark.parametrize(("exc", "code", "wants"), [
     (RuntimeError("boom\nsecond line"), 1, ["unexpected RuntimeError: boom second line", "--debug"]),
     (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"), 2, ["pip install matplotlib"]),
+    # deftly's own modules failing to import are a bug or a broken install, not a package to install
+    (ImportError("cannot import name 'match_layers' from 'deftly.surgery.structurize'",
+                 name="deftly.surgery.structurize"), 1,
+     ["internal error: ImportError in module 'deftly.surgery.structurize'", "match_layers", "--debug"]),
+    (ModuleNotFoundError("No module named 'deftly.gone'", name="deftly.gone"), 1, ["internal error", "deftly.gone"]),
+    (ImportError("cannot import name 'x' from 'torch'", name="torch"), 1, ["internal error", "'torch'"]),
     (PermissionError(13, "Permission denied", "/root/x"), 2, ["Permission denied", "/root/x"]),
     (KeyError("rows"), 2, ["'rows'"]),
 ])
@@ -147,12 +205,29 @@ def test_any_error_is_one_line_and_debug_shows_the_traceback(exc, code, wants, c
     assert got == code and len(lines) == 1 and lines[0].startswith("deftly report: error:"), err
     for want in wants:
         assert want in lines[0], (want, lines[0])
+    assert ("pip install" in lines[0]) == (isinstance(exc, ImportError) and code == 2), lines[0]
     for argv in (["--debug", "report", "somewhere"], ["report", "somewhere", "--debug"]):
         with pytest.raises(type(exc)):
             cli.main(argv)
     monkeypatch.setenv("DEFTLY_DEBUG", "1")
     with pytest.raises(type(exc)):
         cli.main(["report", "somewhere"])
+
+
+def test_a_broken_import_inside_deftly_is_an_internal_error(capsys, monkeypatch):
+    import deftly.commands.report as report_cmd
+
+    def broken(args):
+        from deftly.surgery import structurize  # noqa: F401
+        from deftly.surgery.structurize import no_such_name  # noqa: F401
+
+    monkeypatch.setattr(report_cmd, "run", broken)
+    code, _, err = _run(["report", "somewhere"], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("deftly report: error: internal error: ImportError in module "
+                               "'deftly.surgery.structurize': cannot import name 'no_such_name'"), lines[0]
+    assert "pip install" not in lines[0] and "--debug" in lines[0], lines[0]
 
 
 # ------------------------------------------------------------------ interrupts and the command line

@@ -236,6 +236,38 @@ def test_every_backend_agrees(name, hp):
 
 
 # ------------------------------------------------------------------------------------------ lean forward
+def _allocations(fn) -> int:
+    """Tensor allocations of one call of ``fn`` (the profiler's memory events), after a warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("name,hp", [("dense", {}), ("lowrank", {"rank": 8}), ("blockdiag", {"nblocks": 4}),
+                                     ("monarch", {}), ("butterfly", {})])
+def test_batch_one_forward_allocates_only_what_its_kernel_does(name, hp):
+    """At batch 1 the forward allocates nothing beyond the chosen kernel's own tensors (its output and the
+    structure's intermediates), plus the bias add for a kernel that does not take the bias itself: dense
+    and block-diagonal allocate the output alone."""
+    layer = deftly.make(name, 256, 256, **hp)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        got = _allocations(lambda: layer(x))
+        backend = K.lookup(layer, 1, torch.float32, "infer")
+        spec = type(layer).kernels[backend]
+        args = getattr(layer, spec.args)()
+        if spec.bias:
+            want = _allocations(lambda: spec.fn(x, *args, bias=layer.bias))
+        else:
+            want = _allocations(lambda: spec.fn(x, *args)) + 1  # + the bias add
+    assert got == want, (name, backend, got, want)
+    if name in ("dense", "blockdiag"):
+        assert got == 1
+
+
 def test_forward_does_no_traversals_after_the_first_call(monkeypatch):
     """The fast path reads cached facts: parameters()/buffers()/modules()/hparams() are not called."""
     for name, hp in [("monarch", {}), ("blockdiag", {"nblocks": 4}), ("butterfly", {}), ("lrbd", {})]:

@@ -187,6 +187,31 @@ def test_empty_calibration_says_it_was_empty():
         _ = Calibration(torch.zeros(0, 5)).cov
 
 
+def test_calibration_the_model_cannot_run_is_a_value_error_and_changes_nothing():
+    """Found by the fuzz below: inputs too wide for an untargeted first layer raised torch's raw
+    "mat1 and mat2 shapes cannot be multiplied" from inside the user's model."""
+    m = _mlp((1, 1, 2))
+    snap = _snapshot(m)
+    cfg = deftly.StructureConfig(structure="banded", target_modules=["2"], calibration=torch.randn(6, 2), steps=0)
+    with pytest.raises(ValueError, match=r"running the calibration data through the model failed \(mat1 and mat2 "
+                                         r"shapes cannot be multiplied.*pass inputs the model accepts"):
+        deftly.structurize(m, cfg)
+    assert _unchanged(m, snap)
+
+
+def test_complex_structure_in_a_real_model_is_refused():
+    """Found by the fuzz below: butterfly with complex=True replaced a real layer and the model's next
+    GELU failed on complex activations."""
+    m = _mlp((1, 1, 2))
+    snap = _snapshot(m)
+    for init in ("project", "random"):
+        cfg = deftly.StructureConfig(structure="butterfly", hparams={"complex": True}, init=init, steps=0)
+        with pytest.raises(ValueError, match=r"layer '0' \(1 x 1\): hparams .*complex.* in place of a real "
+                                             r"torch.float32 one.*drop complex=True"):
+            deftly.structurize(m, cfg)
+        assert _unchanged(m, snap)
+
+
 # --------------------------------------------------------------------------- StructureConfig x shapes x budgets
 BUDGETS = [None, None, 0.02, 0.1, 0.25, 0.5, 0.5, 1.0, 1.0]
 BAD_BUDGETS = [0, -0.5, 1.5, float("nan"), "0.5", True]

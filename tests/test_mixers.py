@@ -5,11 +5,8 @@ meta-device init, errors naming sizes and fixes, DDP on 2 processes equal to one
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,10 @@ from torch import nn
 
 import deftly
 import deftly.mixers as M
+
+# the 2-process launcher of tests/test_distributed.py (rendezvous store bound to port 0, one retry, logs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_distributed as td
 
 PATHS = M.FFT_PATHS
 D, MAX_LEN = 8, 16
@@ -436,39 +437,19 @@ def _ddp_worker(workdir: Path) -> None:
         if rank == 0:
             torch.save(model.module.state_dict(), workdir / f"{case}.pt")
     dist.barrier()
+    # the launcher counts a launch as passed when every rank exited 0 and wrote its results file
+    (workdir / f"results_rank{rank}.json").write_text(json.dumps({"cases": DDP_CASES}))
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
+    """One launch of 2 workers (this file run as a script) by test_distributed's launcher: it starts the
+    script at its module's ``__file__``, so that is pointed here for the launch."""
     workdir = tmp_path_factory.mktemp("mixers_ddp")
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-        log = open(workdir / f"rank{rank}.log", "w")  # noqa: SIM115  (closed after the wait below)
-        procs.append((subprocess.Popen([sys.executable, __file__, "--ddp-worker", str(workdir)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + 180
-    codes = []
-    for p, log in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-            codes.append("timeout")
-        log.close()
-    if codes != [0, 0]:
-        logs = "\n---\n".join((workdir / f"rank{r}.log").read_text()[-3000:] for r in range(2))
-        raise AssertionError(f"DDP workers exited with {codes}:\n{logs}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(td, "__file__", __file__)
+        td.launch_workers(workdir, timeout=180)
     return workdir
 
 
@@ -541,5 +522,5 @@ def test_charlm_recipe_end_to_end_with_the_mixer(tmp_path):
     assert any("monarch-mixer" in n for n in res["notes"])
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--ddp-worker":
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     _ddp_worker(Path(sys.argv[2]))

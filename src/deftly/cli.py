@@ -4,8 +4,9 @@ Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and `
 imports nothing heavy at module level, so ``deftly --help`` stays fast.
 
 Errors print ONE line on stderr and no traceback (``--debug`` or ``DEFTLY_DEBUG=1`` shows it): errors a
-user can fix (bad values, missing files or data, a missing optional package) exit with status 2, anything
-unexpected with status 1 (a bug: rerun with ``--debug`` and report it). Ctrl-C exits with 130 and says
+user can fix (bad values, missing files or data, a missing third-party package) exit with status 2, anything
+unexpected with status 1 (a bug: rerun with ``--debug`` and report it), including an ImportError from deftly's
+own modules. A misspelt command, choice or option is told the closest valid one (``Did you mean 'train'?``). Ctrl-C exits with 130 and says
 how to continue: the exact command with ``--resume`` for commands that checkpoint, or where a command's
 partial results are (``args._interrupt_note``, set by the command as it goes).
 
@@ -16,13 +17,15 @@ set for the commands: they record the full command line in their ``results.json`
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import pkgutil
 import shlex
 import sys
+from collections.abc import Iterable
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import commands
 
@@ -36,11 +39,55 @@ def _command_modules() -> dict[str, ModuleType]:
     return mods
 
 
+def _closest(word: str, choices: Iterable[Any]) -> str | None:
+    """The choice closest to ``word`` (difflib; options compared without their leading dashes)."""
+    named = {str(c).lstrip("-"): str(c) for c in choices}
+    close = difflib.get_close_matches(word.lstrip("-"), list(named), n=1)
+    return named[close[0]] if close else None
+
+
 class _OneLineErrors(argparse.ArgumentParser):
-    """argparse prints its usage block before the error; deftly prints one line (subparsers inherit it)."""
+    """argparse prints its usage block before the error; deftly prints one line (subparsers inherit it),
+    and a misspelt command, choice or option gets the closest valid one (``Did you mean 'train'?``)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # the one place argparse checks a value against ``choices`` (subcommands, recipes, models too)
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as err:
+            close = _closest(value, action.choices or ()) if isinstance(value, str) else None
+            if close is None:
+                raise
+            raise argparse.ArgumentError(action, f"{err.message}. Did you mean {close!r}?") from None
+
+    def parse_args(self, args: Iterable[str] | None = None, namespace: Any = None) -> Any:
+        # argparse reports unknown options from the top parser, which knows none of a subcommand's
+        # options: the (innermost) subcommand that got them reports them, with the closest of its options
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self._chosen_subparser(ns)
+            options = [s for a in owner._actions for s in a.option_strings]
+            bad = [x.split("=", 1)[0] for x in extras if x.startswith("-")]
+            close = [(b, c) for b in bad if (c := _closest(b, options)) is not None]
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            if len(close) == 1:
+                message += f". Did you mean {close[0][1]!r}?"
+            elif close:
+                message += f". Did you mean {', '.join(f'{c!r} for {b!r}' for b, c in close)}?"
+            owner.error(message)
+        return ns
+
+    def _chosen_subparser(self, ns: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                name = getattr(ns, action.dest, None)
+                chosen = action.choices.get(name) if isinstance(name, str) else None
+                if isinstance(chosen, _OneLineErrors):
+                    return chosen._chosen_subparser(ns)
+        return self
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -110,10 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         if debug:
             raise
-        name = (getattr(err, "name", None) or "").split(".")[0]
-        fix = f"; install it: pip install {name}" if name else ""
-        print(f"{where}: error: a package this command needs is missing ({one_line(err)}){fix}", file=sys.stderr)
-        return 2
+        module = getattr(err, "name", None) or ""
+        top = module.split(".")[0]
+        if isinstance(err, ModuleNotFoundError) and top and top != __name__.split(".")[0]:
+            print(f"{where}: error: a package this command needs is missing ({one_line(err)}); install it: "
+                  f"pip install {top}", file=sys.stderr)
+            return 2
+        # deftly's own modules (`cannot import name 'x' from 'deftly....'`), or a name missing from an
+        # installed package: not something to pip install, a bug or a broken/mismatched install
+        print(f"{where}: error: internal error: {type(err).__name__}"
+              f"{f' in module {module!r}' if module else ''}: {one_line(err)} (a bug or a broken install? "
+              f"rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
     except Exception as err:  # a bug: one line, and how to see the traceback
         if debug:
             raise

@@ -4,12 +4,13 @@ overrides — validated when it is built, with close-match suggestions for missp
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -104,6 +105,31 @@ def _check_budget(budget: Any, where: str) -> float | None:
     return float(budget)
 
 
+_T = TypeVar("_T")
+
+
+def _suggest_field_names(cls: type[_T]) -> type[_T]:
+    """Wrap a dataclass's generated ``__init__`` so that an unknown keyword (``budjet=0.5``) raises a
+    ``TypeError`` naming it, the closest field (``Did you mean 'budget'?``) and every field. The dataclass is
+    unchanged otherwise: ``dataclasses.fields``/``replace``/``asdict`` and ``inspect.signature`` work as before."""
+    init = cls.__init__
+    names = [f.name for f in fields(cls) if f.init]  # type: ignore[arg-type]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        bad = [k for k in kwargs if k not in names]
+        if bad:
+            close = [c for b in bad for c in difflib.get_close_matches(b, names, n=1)]
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument{'s' if len(bad) > 1 else ''} "
+                            f"{', '.join(map(repr, bad))}.{hint} Its fields are: {', '.join(names)}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_suggest_field_names
 @dataclass
 class StructureConfig:
     """What :func:`structurize` (and :func:`deftly.adapt`) do to a model. Validated on construction.
