@@ -11,7 +11,8 @@ the best a C++ extension making the same calls could reach. Also the forward in 
 covers ``--tile`` rows of every block, so a tile's rows stay in cache). The layer's ``blas`` backend
 (the same calls with fresh outputs and autograd) is the ``deftly, blas`` row.
 
-Rows, in one process, rounds interleaved (the median of each over ``--rounds`` rounds):
+Rows, in one process, rounds interleaved, the order rotating from round to round (the median of each
+over ``--rounds`` rounds):
   * ``nn.Linear``: ``x @ W^T`` (fwd) and fwd + ``gy @ W`` + ``gy^T @ x`` (fwd+bwd);
   * ``deftly``: the block-diagonal layer as users call it (the dispatcher's choice: ``native``/``kernel``
     below 1024 rows, ``blas`` from there), and forced to ``kernel`` and to ``blas``;
@@ -49,8 +50,9 @@ def _median_times(cases: dict, rounds: int, batch: int) -> dict:
     for f in cases.values():
         f()
     times: dict = {c: [] for c in cases}
-    for _ in range(rounds):
-        for c, f in cases.items():
+    order = list(cases.items())
+    for r in range(rounds):  # the order rotates: no row always runs right after nn.Linear's cache sweep
+        for c, f in order[r % len(order):] + order[:r % len(order)]:
             reps = 1 if c[1] == "nn.Linear" and batch >= 1024 else 5
             t0 = time.perf_counter()
             for _ in range(reps):

@@ -416,3 +416,19 @@ def test_static_choice_takes_blas_from_min_batch_for_wide_blocks():
         assert K.lookup(wide, high, torch.float32, mode) == "blas"
         assert K.lookup(wide, low, torch.float32, mode) != "blas"
         assert K.lookup(thin, high, torch.float32, mode) == "kernel"
+
+
+def test_static_choice_trains_large_block_diagonal_weights_with_the_kernel():
+    """Below 1024 rows in training: the plain bmm for small weights, the pooled kernel from
+    KERNEL_TRAIN_WEIGHTS weights (its hand-written backward wins there at any batch size)."""
+    from deftly.layers.blockdiag import KERNEL_TRAIN_WEIGHTS
+
+    n = 512
+    big = deftly.make("blockdiag", n, n, nblocks=n * n // KERNEL_TRAIN_WEIGHTS)
+    small = deftly.make("blockdiag", n, n, nblocks=2 * n * n // KERNEL_TRAIN_WEIGHTS)
+    assert big.weight.numel() == KERNEL_TRAIN_WEIGHTS > small.weight.numel()
+    x = torch.randn(8, n, requires_grad=True)
+    assert K.choose(big, x) == "kernel"
+    assert K.choose(small, x) == "native"
+    y = big(x)
+    torch.testing.assert_close(y, x @ big.to_dense().T + big.bias, rtol=1e-5, atol=1e-5)

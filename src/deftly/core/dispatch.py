@@ -87,14 +87,15 @@ class KernelSpec:
     available: Callable[[Tensor], bool] | None = None
     #: a candidate when tuning (False: only when forced)
     auto: bool = True
-    #: ``when(layer) -> bool``: the layers whose static choice ``default`` applies to (None: every layer)
-    when: Callable[[Any], bool] | None = None
+    #: ``(layer, batch, train) -> bool``: the static choice for a given layer (its block sizes, weight size),
+    #: used instead of ``default`` where the layer is known (``default`` stays the layer-free summary)
+    layer_default: Callable[[Any, int, bool], bool] | None = None
 
     def is_default(self, batch: int, train: bool, layer: Any = None) -> bool:
+        if self.layer_default is not None and layer is not None:
+            return bool(self.layer_default(layer, batch, train))
         d = self.default
-        if not (d(batch, train) if callable(d) else bool(d)):
-            return False
-        return self.when is None or layer is None or bool(self.when(layer))
+        return d(batch, train) if callable(d) else bool(d)
 
     def usable(self, x: Tensor) -> bool:
         return (self.dtypes is None or x.dtype in self.dtypes) and (self.available is None or self.available(x))

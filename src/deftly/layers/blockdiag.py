@@ -41,19 +41,29 @@ def blockdiag_reference(x: Tensor, weight: Tensor) -> Tensor:
     return torch.cat(outs, dim=-1)
 
 
+#: from this many weights the pooled kernel trains faster than the plain bmm at any batch size
+KERNEL_TRAIN_WEIGHTS = 1 << 18
+
+
 @register
 class BlockDiagonal(StructuredLinear):
     """``nblocks`` independent blocks of about ``(out/nblocks, in/nblocks)``; ``in*out/nblocks`` params."""
 
     name = "blockdiag"
-    # at small batch the plain bmm (native) trains faster than the pooled kernel with its hand-written
-    # backward (bench: 1024x1024 batch 64 fwd+bwd 0.33 vs 0.71 ms); from ~1k rows the kernel wins, and
-    # there the copy-free BLAS calls win again where blocks are >= 64 wide (see deftly.kernels.blas)
+    # Static choice, measured at one thread (fwd and fwd+bwd, n = 384..4096): the copy-free BLAS calls
+    # (deftly.kernels.blas) from 1024 rows for blocks >= 64 wide (0.77-0.95x the time of the pure-PyTorch
+    # kernel); in training below 1024 rows the plain bmm (native) for small weights (384x384 in 4 blocks,
+    # batch 64: 0.46 vs 0.55 ms) and the pooled kernel with its hand-written backward from 2**18 weights
+    # (4096x4096 in 64 blocks, batch 64: 3.0 vs 3.5 ms); the kernel in inference.
     kernels: ClassVar[dict[str, KernelSpec]] = {
         "blas": KernelSpec(blas.blockdiag_matmul_blas, default=lambda batch, train: batch >= blas.MIN_BATCH,
-                           when=lambda layer: min(layer.weight.shape[1:]) >= blas.MIN_BLOCK, bias=True,
+                           layer_default=lambda layer, batch, train: batch >= blas.MIN_BATCH and min(
+                               layer.weight.shape[1:]) >= blas.MIN_BLOCK, bias=True,
                            compile_ok=False, dtypes=(torch.float32, torch.float64), available=blas.usable),
-        "kernel": KernelSpec(blockdiag_matmul, default=lambda batch, train: batch >= 1024 or not train, bias=True),
+        "kernel": KernelSpec(blockdiag_matmul, default=lambda batch, train: batch >= 1024 or not train,
+                             layer_default=lambda layer, batch, train: (batch >= 1024 or not train
+                                                                         or layer.weight.numel() >= KERNEL_TRAIN_WEIGHTS),
+                             bias=True),
         "kernel_strided": KernelSpec(blockdiag_matmul_strided, bias=True, compile_ok=False, auto=False),
         "triton": KernelSpec(blockdiag_matmul_triton, available=triton_usable, compile_ok=False),
     }
