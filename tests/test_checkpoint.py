@@ -206,6 +206,6 @@ def test_index_keyed_optimizer_state_is_refused_with_the_file_named(tmp_path):
              "history": [], "losses": []}
     ckpt = tmp_path / "old.safetensors"
     with pytest.raises(ValueError, match="index-keyed") as info:
-        _load_state(state, ckpt, model, model, opt, distributed=False)
+        _load_state(state, ckpt, model, opt)
     assert str(ckpt) in str(info.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
