@@ -427,8 +427,15 @@ def test_static_choice_trains_large_block_diagonal_weights_with_the_kernel():
     big = deftly.make("blockdiag", n, n, nblocks=n * n // KERNEL_TRAIN_WEIGHTS)
     small = deftly.make("blockdiag", n, n, nblocks=2 * n * n // KERNEL_TRAIN_WEIGHTS)
     assert big.weight.numel() == KERNEL_TRAIN_WEIGHTS > small.weight.numel()
-    x = torch.randn(8, n, requires_grad=True)
+    x = torch.randn(K.blas.MIN_TRAIN_BATCH // 2, n, requires_grad=True)
     assert K.choose(big, x) == "kernel"
     assert K.choose(small, x) == "native"
     y = big(x)
     torch.testing.assert_close(y, x @ big.to_dense().T + big.bias, rtol=1e-5, atol=1e-5)
+    if K.blas.available():  # and from MIN_TRAIN_BATCH rows the BLAS calls for weights >= TRAIN_WEIGHTS
+        assert K.blas.TRAIN_WEIGHTS <= big.weight.numel()
+        xb = torch.randn(K.blas.MIN_TRAIN_BATCH, n, requires_grad=True)
+        assert K.choose(big, xb) == "blas"
+        assert K.choose(small, xb) == "native"
+        with torch.no_grad():
+            assert K.choose(big, xb) == "kernel"  # inference below MIN_BATCH rows

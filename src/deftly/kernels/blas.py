@@ -11,7 +11,7 @@ tensor plus a leading dimension, so one ``?gemm_batch`` call computes all ``k`` 
 ``torch.bmm`` cannot express the strided output (CPU torch then loops block by block) and its fast
 layouts need ``(k, batch, *)`` copies of ``x``, ``y`` and ``gy``. ``benchmarks/blas_direct.py`` times the
 calls alone (outputs pre-allocated) against the layer; through the layer (fresh outputs, autograd) they
-win where the copies are large: see :data:`MIN_BATCH`.
+win where the copies are large: see :func:`preferred`.
 
 The BLAS is the one inside PyTorch's CPU library: MKL's ``sgemm_batch`` / ``dgemm_batch`` (LP64), found
 with ``ctypes`` on first use. Where the build has no MKL (e.g. aarch64 wheels with OpenBLAS)
@@ -34,15 +34,26 @@ from . import _pool
 from ._common import needs_grad, pad_cols
 
 __all__ = ["BlasBlockDiagFunction", "available", "blockdiag_blas_backward", "blockdiag_blas_forward",
-           "blockdiag_matmul_blas", "gemm_batch", "usable"]
+           "blockdiag_matmul_blas", "gemm_batch", "preferred", "usable"]
 
 _INT_MAX = 2**31 - 1
-#: the static choice takes this kernel from this many rows, for blocks at least :data:`MIN_BLOCK` wide
-#: (measured, one thread, fwd and fwd+bwd: 0.77-0.95x the time of the best pure-PyTorch path at 1024 and
-#: 2048 rows for 96-256-wide blocks; below ~256 rows, or with 32-wide blocks, 1.05-1.5x: ctypes' call and
-#: the pointer arrays cost ~20 us, and MKL runs thin blocks slower on 16 KB-strided rows than on copies)
+#: the static choice (``python benchmarks/backend_grid.py``, one thread, n = 384..4096): this kernel from
+#: :data:`MIN_BATCH` rows for blocks at least :data:`MIN_BLOCK` wide (0.84-1.08x the best pure-PyTorch
+#: path's time at 1024-2048 rows, median 0.93, forward and forward+backward), and in training from
+#: :data:`MIN_TRAIN_BATCH` rows for weights of at least :data:`TRAIN_WEIGHTS` entries (0.84-1.04x at
+#: 16-2048 rows, median 0.94); slower outside those (up to 1.6x: ctypes' call and the pointer arrays
+#: cost ~20 us, and MKL runs 32-wide blocks on 4 KB-strided rows slower)
 MIN_BATCH = 1024
 MIN_BLOCK = 64
+MIN_TRAIN_BATCH = 16
+TRAIN_WEIGHTS = 1 << 18
+
+
+def preferred(weight_shape: tuple[int, ...], batch: int, train: bool) -> bool:
+    """The static rule above for a block-diagonal weight of ``weight_shape = (k, q, p)``."""
+    k, q, p = weight_shape
+    return ((batch >= MIN_BATCH and min(q, p) >= MIN_BLOCK)
+            or (train and batch >= MIN_TRAIN_BATCH and k * q * p >= TRAIN_WEIGHTS))
 
 
 @cache

@@ -50,16 +50,16 @@ class BlockDiagonal(StructuredLinear):
     """``nblocks`` independent blocks of about ``(out/nblocks, in/nblocks)``; ``in*out/nblocks`` params."""
 
     name = "blockdiag"
-    # Static choice, measured at one thread (fwd and fwd+bwd, n = 384..4096): the copy-free BLAS calls
-    # (deftly.kernels.blas) from 1024 rows for blocks >= 64 wide (0.77-0.95x the time of the pure-PyTorch
-    # kernel); in training below 1024 rows the plain bmm (native) for small weights (384x384 in 4 blocks,
-    # batch 64: 0.46 vs 0.55 ms) and the pooled kernel with its hand-written backward from 2**18 weights
-    # (4096x4096 in 64 blocks, batch 64: 3.0 vs 3.5 ms); the kernel in inference.
+    # Static choice (python benchmarks/backend_grid.py, one thread, n = 384..4096): the copy-free BLAS
+    # calls (deftly.kernels.blas.preferred: from 1024 rows for blocks >= 64 wide, in training from 16 rows
+    # for >= 2**18 weights); else, in training below 1024 rows, the plain bmm (native) for small weights
+    # (384x384 in 4 blocks, 64 rows: 0.35 vs 0.43 ms) and the pooled kernel with its hand-written backward
+    # from 2**18 weights (4096x4096 in 16 blocks, 8 rows: 3.1 vs 4.4 ms); the kernel in inference.
     kernels: ClassVar[dict[str, KernelSpec]] = {
         "blas": KernelSpec(blas.blockdiag_matmul_blas, default=lambda batch, train: batch >= blas.MIN_BATCH,
-                           layer_default=lambda layer, batch, train: batch >= blas.MIN_BATCH and min(
-                               layer.weight.shape[1:]) >= blas.MIN_BLOCK, bias=True,
-                           compile_ok=False, dtypes=(torch.float32, torch.float64), available=blas.usable),
+                           layer_default=lambda layer, batch, train: blas.preferred(layer.weight.shape, batch, train),
+                           bias=True, compile_ok=False, dtypes=(torch.float32, torch.float64),
+                           available=blas.usable),
         "kernel": KernelSpec(blockdiag_matmul, default=lambda batch, train: batch >= 1024 or not train,
                              layer_default=lambda layer, batch, train: (batch >= 1024 or not train
                                                                          or layer.weight.numel() >= KERNEL_TRAIN_WEIGHTS),
