@@ -4,8 +4,8 @@
 
 Issue 14 asks block-diagonal (64 blocks, n = 4096, fp32) for >= 70% of ``nn.Linear``'s GFLOP/s, and
 suggests a compiled kernel "calling the BLAS batched gemm with strides" so that no layout copy is made.
-This measures that kernel's ceiling: ``deftly.kernels.blas.gemm_batch`` calls MKL's ``sgemm_batch`` (the
-BLAS inside PyTorch's x86 CPU wheel) with one pointer per block straight into ``x``, ``W``, ``y`` (and
+This measures that kernel's ceiling: ``deftly.kernels.blas`` calls MKL's ``sgemm_batch`` (the BLAS inside
+PyTorch's x86 CPU wheel) with one pointer per block straight into ``x``, ``W``, ``y`` (and
 ``gy``, ``dx``, ``dW`` for the backward): no copy, and here no allocation either (outputs pre-allocated),
 the best a C++ extension making the same calls could reach. Also the forward in row tiles (each call
 covers ``--tile`` rows of every block, so a tile's rows stay in cache). The layer's ``blas`` backend
@@ -33,16 +33,14 @@ from deftly.kernels import blas
 
 
 def blockdiag_calls(x, w, y, gy=None, dx=None, dw=None, rows: range | None = None):
-    """Closures making the ``gemm_batch`` calls of ``y = blockdiag(w) x`` (row-major ``x: (B, k*p)``,
-    ``w: (k, q, p)``, ``y: (B, k*q)``) over ``rows`` and, given ``gy``/``dx``/``dw``, of its backward."""
-    k, q, p = w.shape
+    """Closures making the library's ``gemm_batch`` calls of ``y = blockdiag(w) x`` into the pre-allocated
+    ``y`` (over ``rows``: contiguous row slices) and, given ``gy``/``dx``/``dw``, of its backward."""
     r = rows or range(x.shape[0])
-    nb, ni, no = len(r), k * p, k * q
-    calls = [lambda: blas.gemm_batch("T", "N", q, nb, p, w, p, q * p, x, ni, p, y, no, q, k,
-                                     b_offset=r.start * ni, c_offset=r.start * no)]
+    xs, ys = x[r.start:r.stop], y[r.start:r.stop]
+    calls = [lambda: blas.blockdiag_blas_forward(xs, w, out=ys)]
     if gy is not None:
-        calls.append(lambda: blas.gemm_batch("N", "N", p, nb, q, w, p, q * p, gy, no, q, dx, ni, p, k))
-        calls.append(lambda: blas.gemm_batch("N", "T", p, q, nb, x, ni, p, gy, no, q, dw, p, q * p, k))
+        calls.append(lambda: blas.blockdiag_blas_backward(gy, x, w, need_w=False, dx_out=dx))
+        calls.append(lambda: blas.blockdiag_blas_backward(gy, x, w, need_x=False, dw_out=dw))
     return calls
 
 

@@ -383,6 +383,28 @@ def test_blockdiag_blas_layer_contract(size, nb, batch, bias):
     torch.testing.assert_close(layer(x), layer._reference_matmul(x) + layer.bias, rtol=1e-12, atol=1e-12)
 
 
+@blas_only
+def test_blockdiag_blas_writes_into_given_outputs():
+    """``out=`` / ``dx_out=`` / ``dw_out=`` (what benchmarks/blas_direct.py times) hold the same values as
+    fresh outputs; a wrong out is refused, naming what it must be."""
+    torch.manual_seed(4)
+    b = deftly.make("blockdiag", 12, 20, nblocks=4, bias=False, dtype=F64)
+    x, gy = torch.randn(7, 12, dtype=F64), torch.randn(7, 20, dtype=F64)
+    w = b.weight.detach()
+    y = torch.full((7, 20), float("nan"), dtype=F64)
+    dx, dw = torch.full_like(x, float("nan")), torch.full_like(w, float("nan"))
+    assert K.blas.blockdiag_blas_forward(x, w, out=y) is y
+    torch.testing.assert_close(y, x @ b.to_dense().T, rtol=1e-12, atol=1e-12)
+    got = K.blas.blockdiag_blas_backward(gy, x, w, dx_out=dx, dw_out=dw)
+    assert got[0] is dx and got[1] is dw
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    want = torch.autograd.grad(b.out_part.unpad(blockdiag_native(xr, wr)), [xr, wr], gy)
+    for a, c in zip((dx, dw), want):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"out= must be a contiguous torch.float64 tensor of shape \(7, 20\)"):
+        K.blas.blockdiag_blas_forward(x, w, out=torch.empty(20, 7, dtype=F64).T)
+
+
 def test_without_mkl_the_blas_backend_is_not_offered(monkeypatch):
     """A torch build without MKL's gemm_batch (aarch64, OpenBLAS): the dispatcher keeps the pure-PyTorch
     kernels and a direct call says what to use instead."""

@@ -81,15 +81,16 @@ def usable(x: Tensor) -> bool:
 
 
 @cache
-def _steps(count: int) -> Tensor:
-    return torch.arange(count, dtype=torch.int64)
+def _byte_steps(count: int, step_bytes: int) -> Tensor:
+    """``[0, step_bytes, 2 step_bytes, ...]`` (``count`` of them): the blocks' offsets, kept per layout."""
+    return torch.arange(count, dtype=torch.int64) * step_bytes
 
 
 def _pointers(t: Tensor, offset: int, step: int, count: int) -> Tensor:
     """``count`` addresses ``t + (offset + i * step) elements`` as an int64 tensor (kept alive by the
-    caller during the call)."""
+    caller during the call): one add per call on the hot path."""
     es = t.element_size()
-    return _steps(count) * (step * es) + (t.data_ptr() + offset * es)
+    return _byte_steps(count, step * es) + (t.data_ptr() + offset * es)
 
 
 def gemm_batch(ta: str, tb: str, m: int, n: int, k: int, a: Tensor, lda: int, a_step: int, b: Tensor, ldb: int,
@@ -122,31 +123,43 @@ def gemm_batch(ta: str, tb: str, m: int, n: int, k: int, a: Tensor, lda: int, a_
             ptr(pc.data_ptr()), r(i32(ldc)), r(i32(1)), r(i32(count)))
 
 
-def blockdiag_blas_forward(x: Tensor, weight: Tensor) -> Tensor:
-    """``x: (batch, k*p)`` contiguous, ``weight: (k, q, p)`` contiguous -> ``y: (batch, k*q)`` (pooled)."""
+def blockdiag_blas_forward(x: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x: (batch, k*p)`` contiguous, ``weight: (k, q, p)`` contiguous -> ``y: (batch, k*q)`` (pooled, or
+    written into the contiguous ``out``)."""
     k, q, p = weight.shape
     batch = x.shape[0]
-    y = _pool.empty((batch, k * q), x.dtype, x.device)
+    y = _pool.empty((batch, k * q), x.dtype, x.device) if out is None else _check_out(out, (batch, k * q), x)
     # y_i^T (q x B) = W_i (q x p) . x_i^T (p x B): W_i is row-major (q, p), i.e. column-major (p, q): "T"
     gemm_batch("T", "N", q, batch, p, weight, p, q * p, x, k * p, p, y, k * q, q, k)
     return y
 
 
-def blockdiag_blas_backward(gy: Tensor, x: Tensor, weight: Tensor, need_x: bool = True, need_w: bool = True
+def blockdiag_blas_backward(gy: Tensor, x: Tensor, weight: Tensor, need_x: bool = True, need_w: bool = True,
+                            *, dx_out: Tensor | None = None, dw_out: Tensor | None = None
                             ) -> tuple[Tensor | None, Tensor | None]:
-    """``dx = (batch, k*p)`` and ``dW = (k, q, p)`` of :func:`blockdiag_blas_forward` (contiguous inputs)."""
+    """``dx = (batch, k*p)`` and ``dW = (k, q, p)`` of :func:`blockdiag_blas_forward` (contiguous inputs;
+    written into ``dx_out`` / ``dw_out`` when given)."""
     k, q, p = weight.shape
     batch = x.shape[0]
     dx = dw = None
     if need_x:
-        dx = _pool.empty((batch, k * p), gy.dtype, gy.device)
+        dx = (_pool.empty((batch, k * p), gy.dtype, gy.device) if dx_out is None
+              else _check_out(dx_out, (batch, k * p), gy))
         # dx_i^T (p x B) = W_i^T (p x q) . gy_i^T (q x B)
         gemm_batch("N", "N", p, batch, q, weight, p, q * p, gy, k * q, q, dx, k * p, p, k)
     if need_w:
-        dw = torch.empty((k, q, p), dtype=weight.dtype, device=weight.device)
+        dw = (torch.empty((k, q, p), dtype=weight.dtype, device=weight.device) if dw_out is None
+              else _check_out(dw_out, (k, q, p), weight))
         # dW_i^T (p x q) = x_i^T (p x B) . gy_i (B x q)
         gemm_batch("N", "T", p, q, batch, x, k * p, p, gy, k * q, q, dw, p, q * p, k)
     return dx, dw
+
+
+def _check_out(out: Tensor, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    if tuple(out.shape) != shape or out.dtype != like.dtype or not out.is_contiguous():
+        raise ValueError(f"deftly.kernels.blas: out= must be a contiguous {like.dtype} tensor of shape {shape}, got "
+                         f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (not contiguous)'}")
+    return out
 
 
 class BlasBlockDiagFunction(torch.autograd.Function):

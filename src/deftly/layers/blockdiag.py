@@ -45,6 +45,11 @@ def blockdiag_reference(x: Tensor, weight: Tensor) -> Tensor:
 KERNEL_TRAIN_WEIGHTS = 1 << 18
 
 
+def _kernel_default(batch: int, train: bool) -> bool:
+    """The pooled kernel: in inference, and in training from 1024 rows."""
+    return batch >= 1024 or not train
+
+
 @register
 class BlockDiagonal(StructuredLinear):
     """``nblocks`` independent blocks of about ``(out/nblocks, in/nblocks)``; ``in*out/nblocks`` params."""
@@ -60,10 +65,9 @@ class BlockDiagonal(StructuredLinear):
                            layer_default=lambda layer, batch, train: blas.preferred(layer.weight.shape, batch, train),
                            bias=True, compile_ok=False, dtypes=(torch.float32, torch.float64),
                            available=blas.usable),
-        "kernel": KernelSpec(blockdiag_matmul, default=lambda batch, train: batch >= 1024 or not train,
-                             layer_default=lambda layer, batch, train: (batch >= 1024 or not train
-                                                                         or layer.weight.numel() >= KERNEL_TRAIN_WEIGHTS),
-                             bias=True),
+        "kernel": KernelSpec(blockdiag_matmul, default=_kernel_default, bias=True,
+                             layer_default=lambda layer, batch, train: (
+                                 _kernel_default(batch, train) or layer.weight.numel() >= KERNEL_TRAIN_WEIGHTS)),
         "kernel_strided": KernelSpec(blockdiag_matmul_strided, bias=True, compile_ok=False, auto=False),
         "triton": KernelSpec(blockdiag_matmul_triton, available=triton_usable, compile_ok=False),
     }

@@ -290,13 +290,17 @@ def _restore_flags(model: nn.Module) -> None:
             prm.requires_grad_(flags[n])
 
 
+def _unload(model: nn.Module, names: list[str]) -> nn.Module:
+    for name in names:
+        set_module(model, name, cast(StructuredAdapter, model.get_submodule(name)).merged_linear())
+    _restore_flags(model)
+    return model
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every adapter by its base layer with the delta folded in (plain ``nn.Linear``/``Conv1D``);
     every parameter of the model gets back the ``requires_grad`` it had before :func:`adapt`."""
-    for name, a in _adapters(model):
-        set_module(model, name, a.merged_linear())
-    _restore_flags(model)
-    return model
+    return _unload(model, [name for name, _ in _adapters(model)])
 
 
 class Adapters:
@@ -326,11 +330,8 @@ class Adapters:
     def merge_and_unload(self) -> nn.Module:
         """:func:`merge_and_unload` of these adapters (the model's ``requires_grad`` flags come back once
         no adapter is left in it)."""
-        for n in self.names:
-            set_module(self.model, n, cast(StructuredAdapter, self.model.get_submodule(n)).merged_linear())
-        self.names = []
-        _restore_flags(self.model)
-        return self.model
+        names, self.names = self.names, []
+        return _unload(self.model, names)
 
     def __str__(self) -> str:
         return str(self.report)
